@@ -1,0 +1,1 @@
+"""The science: model loading, trajectory statistics, features, calibration. Imports no web code."""

@@ -1,0 +1,1 @@
+"""Between the web layer and the engine: the batcher, calibration-profile registry, metrics."""

@@ -1,0 +1,104 @@
+"""Every Prometheus collector the service exports, on a registry passed in (a fresh one per app).
+
+Label values are bounded: endpoints are route templates, outcomes and reasons are fixed sets, profiles are
+limited to those that exist on disk (profile names are validated and their count is capped).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Multi-second requests on CPU: buckets reach two minutes.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
+SCORE_BUCKETS = (-50, -20, -10, -5, 0, 2.5, 5, 7.5, 10, 15, 20, 30, 50, 100, 1000)
+
+REFUSAL_REASONS = (
+    "queue_full",
+    "timeout",
+    "bad_input",
+    "too_large",
+    "unsupported_media_type",
+    "unauthorized",
+    "forbidden",
+    "not_ready",
+    "not_found",
+    "validation",
+    "engine_error",
+    "cancelled",
+)
+
+
+class Metrics:
+    """Named collectors. Names and labels here are the contract the dashboards and alerts are built on."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "anomaly_requests", "HTTP requests by route and status code", ["endpoint", "code"], registry=r
+        )
+        self.images = Counter(
+            "anomaly_images",
+            "Images by outcome (scored, refused, failed, cancelled)",
+            ["outcome"],
+            registry=r,
+        )
+        self.refusals = Counter("anomaly_refusals", "Refused requests by reason", ["reason"], registry=r)
+        self.request_latency = Histogram(
+            "anomaly_request_latency_seconds",
+            "End-to-end request latency",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "anomaly_queue_wait_seconds",
+            "Time an image waits in the queue before its batch starts",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_compute = Histogram(
+            "anomaly_batch_compute_seconds",
+            "Model time per batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "anomaly_batch_size", "Images per executed batch", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.queued_images = Gauge("anomaly_queue_images", "Images waiting in the queue", registry=r)
+        self.inflight_batches = Gauge("anomaly_inflight_batches", "Batches being computed", registry=r)
+        self.safe_batch_size = Gauge(
+            "anomaly_safe_batch_size", "Largest batch size known to fit device memory", registry=r
+        )
+        self.oom_splits = Counter(
+            "anomaly_oom_splits", "Batches split after device out-of-memory", registry=r
+        )
+        self.device_memory = Gauge(
+            "anomaly_device_memory_bytes",
+            "Device memory (CUDA allocated/reserved; process RSS on CPU)",
+            ["kind"],
+            registry=r,
+        )
+        self.scores = Histogram(
+            "anomaly_score",
+            "Anomaly scores (-log density) by profile",
+            ["profile"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.verdicts = Counter("anomaly_verdicts", "Verdicts by profile", ["profile", "verdict"], registry=r)
+        self.model_info = Gauge(
+            "anomaly_model_info",
+            "Loaded model (value 1)",
+            ["model_id", "device", "dtype", "method"],
+            registry=r,
+        )
+        self.ready = Gauge("anomaly_ready", "1 when the model is loaded and warmed up", registry=r)
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason=reason)
+
+    def refuse(self, reason: str) -> None:
+        """Count a refusal; unknown reasons are folded into ``bad_input`` to keep labels bounded."""
+        self.refusals.labels(reason=reason if reason in REFUSAL_REASONS else "bad_input").inc()

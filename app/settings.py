@@ -1,0 +1,72 @@
+"""The one configuration object, built once at start-up and passed down; nothing else reads the env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path("model_store/celeba32-ref")
+
+
+class Settings(BaseSettings):
+    """Service and engine settings; every field can be set as ``DDM_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="DDM_", env_file=None, extra="ignore")
+
+    # --- model and method -------------------------------------------------------------------------
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="diffusers folder with unet/ and scheduler/")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype; auto = float32 on CPU, bfloat16 autocast on CUDA"
+    )
+    method: Literal["diffpath-v2", "diffpath-6d", "diffpath-1d", "reconstruction"] = "diffpath-v2"
+    steps: int = Field(10, ge=2, le=1000, description="trajectory steps K (UNet evaluations per image)")
+    default_profile: str = "default"
+    torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads; None = torch default")
+    warmup: bool = True
+
+    # --- batching ----------------------------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_batch_delay_ms: float = Field(10.0, ge=0.0, le=10_000.0)
+    max_queue_images: int = Field(256, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0.0)
+
+    # --- input limits ------------------------------------------------------------------------------
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_images_per_request: int = Field(64, ge=1)
+    allowed_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"]
+    )
+
+    # --- security ----------------------------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated bearer tokens; empty = scoring is open"
+    )
+    allow_open_profile_creation: bool = Field(
+        False, description="allow POST /v1/profiles without API keys (only when api_keys is empty)"
+    )
+    max_profile_images: int = Field(5000, ge=1)
+
+    # --- server ------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    drain_timeout_s: float = Field(30.0, ge=0.0, description="how long SIGTERM waits for accepted work")
+
+    @field_validator("allowed_formats", mode="before")
+    @classmethod
+    def _split_formats(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip().upper() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
