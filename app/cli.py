@@ -23,7 +23,7 @@ COMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddm-anomaly",
-        description="Zero-shot image anomaly scoring along a pretrained diffusion model's denoising trajectory.",
+        description="Zero-shot image anomaly scoring along a diffusion model's denoising trajectory.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -78,3 +78,9 @@ class EngineFailure(DDMError, RuntimeError):
     """The model failed on a batch; only that batch's requests fail (500)."""
 
     code = "engine_error"
+
+
+class DeviceOutOfMemory(EngineFailure):
+    """The device ran out of memory on a batch; the batcher splits the batch and retries."""
+
+    code = "device_oom"

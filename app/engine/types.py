@@ -1,0 +1,112 @@
+"""Plain data passed between the engine, the calibration code and the service (no torch in the API)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+MethodName = Literal["diffpath-v2", "diffpath-6d", "diffpath-1d", "reconstruction"]
+METHODS: tuple[MethodName, ...] = ("diffpath-v2", "diffpath-6d", "diffpath-1d", "reconstruction")
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Everything that changes the statistics of an image; a calibration profile is only valid for the
+    exact options (and model) it was fitted with."""
+
+    method: MethodName = "diffpath-v2"
+    steps: int = 10  # K: UNet evaluations per image
+    trajectory: Literal["ddim", "forward"] = "ddim"
+    ssim_weighting: Literal["amplify", "dissimilarity", "none"] = "amplify"
+    ssim_target: Literal["image", "noise"] = "image"  # SSIM(x0, xhat0_k) or SSIM(eps_theta, eps*)
+    ssim_lambda: float = 1.0
+    sigma_scaling: bool = False  # divide the Stein error by sigma_k (score units instead of noise units)
+    t_max_fraction: float = 1.0  # trajectory covers t in [0, t_max_fraction * (T - 1)]
+    recon_levels: tuple[float, ...] = (0.1, 0.25, 0.4)  # reconstruction: noise levels as fractions of T
+    mixture_max_components: int = 8
+    covariance_type: Literal["full", "diag", "tied", "spherical", "auto"] = "full"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "steps": self.steps,
+            "trajectory": self.trajectory,
+            "ssim_weighting": self.ssim_weighting,
+            "ssim_target": self.ssim_target,
+            "ssim_lambda": self.ssim_lambda,
+            "sigma_scaling": self.sigma_scaling,
+            "t_max_fraction": self.t_max_fraction,
+            "recon_levels": list(self.recon_levels),
+            "mixture_max_components": self.mixture_max_components,
+            "covariance_type": self.covariance_type,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodOptions:
+        values = dict(data)
+        if "recon_levels" in values:
+            values["recon_levels"] = tuple(float(v) for v in values["recon_levels"])
+        return cls(**values)
+
+    def feature_key(self) -> dict[str, Any]:
+        """The options that change the feature vector (what a profile must match; density settings
+        are the profile's own business)."""
+        d = self.to_dict()
+        d.pop("mixture_max_components")
+        d.pop("covariance_type")
+        return d
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Metadata of a loaded base model, as shown by ``GET /v1/models``."""
+
+    model_id: str  # "<folder name>@<first 12 hex of the weights' sha256>"
+    name: str
+    path: str
+    sample_size: int
+    in_channels: int
+    parameters: int
+    num_train_timesteps: int
+    beta_schedule: str
+    prediction_type: str
+    scheduler_class: str
+    weights_sha256: str
+    device: str
+    dtype: str
+    card: str = ""  # README.md of the model folder, if any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "card"}
+
+
+@dataclass
+class ImageStats:
+    """What the engine measures on one image; independent of any calibration profile.
+
+    ``features``: the method's feature vector (6 for the diffpath methods, 1 for diffpath-1d, one per
+    noise level for reconstruction). ``step_sums``: per-timestep sums (K, 3) of the trajectory quantity and
+    its powers 1..3; ``delta_sums``: the same for its rate of change (K-1, 3). ``heatmap``: (H, W) float32
+    at model resolution, mean over steps and channels of |quantity|.
+    """
+
+    features: np.ndarray
+    step_sums: np.ndarray
+    delta_sums: np.ndarray
+    timesteps: np.ndarray
+    heatmap: np.ndarray
+    finite: bool = True
+
+
+@dataclass
+class Verdict:
+    """One image judged against one calibration profile. ``score`` is None when it was not finite."""
+
+    score: float | None
+    threshold: float
+    is_anomaly: bool
+    percentile: float
+    p_value: float
+    thresholds: dict[str, float] = field(default_factory=dict)
