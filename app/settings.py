@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     )
     method: Literal["diffpath-v2", "diffpath-6d", "diffpath-1d", "reconstruction"] = "diffpath-v2"
     steps: int = Field(10, ge=2, le=1000, description="trajectory steps K (UNet evaluations per image)")
+    profiles_dir: Path | None = Field(
+        None, description="where calibration profiles live; default <model_dir>/profiles"
+    )
     default_profile: str = "default"
     torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads; None = torch default")
     warmup: bool = True

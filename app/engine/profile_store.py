@@ -1,0 +1,86 @@
+"""Calibration profiles on disk: ``<profiles dir>/<name>.json``, one per name, validated names only."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from pathlib import Path
+
+from app.engine.calibration import Profile
+from app.engine.types import MethodOptions
+from app.errors import InvalidInput, PayloadTooLarge, ProfileMismatch, ProfileNotFound
+
+log = logging.getLogger(__name__)
+
+# Letters, digits, '_', '-', '.', starting with a letter or digit: no path separators, no "..", no hidden
+# files, bounded length (names become metric label values and file names).
+PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}(\.[A-Za-z0-9_-]{1,16})?")
+MAX_PROFILES = 64
+
+
+def validate_profile_name(name: str) -> str:
+    if not isinstance(name, str) or not PROFILE_NAME.fullmatch(name):
+        raise InvalidInput(
+            "profile names are 1-64 letters, digits, '_' or '-' (optionally one '.suffix'), "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+class ProfileStore:
+    """Profiles for one loaded model and method; readers get cached, validated ``Profile`` objects."""
+
+    def __init__(self, directory: str | Path, model_id: str, options: MethodOptions) -> None:
+        self.directory = Path(directory)
+        self.model_id = model_id
+        self.options = options
+        self._cache: dict[str, tuple[float, Profile]] = {}
+        self._lock = threading.Lock()
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{validate_profile_name(name)}.json"
+
+    def names(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.stem for p in self.directory.glob("*.json") if PROFILE_NAME.fullmatch(p.stem))
+
+    def get(self, name: str) -> Profile:
+        path = self.path(name)
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            raise ProfileNotFound(f"no calibration profile {name!r} for model {self.model_id}") from None
+        with self._lock:
+            cached = self._cache.get(name)
+            if cached and cached[0] == mtime:
+                return cached[1]
+        profile = Profile.load(path, self.model_id, self.options)
+        with self._lock:
+            self._cache[name] = (mtime, profile)
+        return profile
+
+    def load_all(self) -> dict[str, Profile | ProfileMismatch]:
+        """Every profile on disk, or the reason it was refused (logged), for start-up and listings."""
+        out: dict[str, Profile | ProfileMismatch] = {}
+        for name in self.names():
+            try:
+                out[name] = self.get(name)
+            except ProfileMismatch as exc:
+                log.warning("calibration profile refused: %s", exc)
+                out[name] = exc
+        return out
+
+    def save(self, profile: Profile, overwrite: bool = False) -> Path:
+        path = self.path(profile.name)
+        if profile.model_id != self.model_id or profile.options.feature_key() != self.options.feature_key():
+            raise ProfileMismatch("profile was fitted for another model or other method options")
+        if path.exists() and not overwrite:
+            raise InvalidInput(f"profile {profile.name!r} exists already")
+        if not path.exists() and len(self.names()) >= MAX_PROFILES:
+            raise PayloadTooLarge(f"at most {MAX_PROFILES} profiles per model")
+        profile.save(path)
+        with self._lock:
+            self._cache.pop(profile.name, None)
+        return path
