@@ -58,6 +58,15 @@ class ProfileNotFound(DDMError, KeyError):
         return str(self.args[0]) if self.args else "profile not found"
 
 
+class ModelNotFound(DDMError, KeyError):
+    """No loaded model with that id (404)."""
+
+    code = "model_not_found"
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "model not found"
+
+
 class ProfileMismatch(DDMError, ValueError):
     """A calibration profile made for another model or other method options, or corrupt (refused at load)."""
 

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     max_images_per_request: int = Field(64, ge=1)
+    max_profile_upload_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="body cap of POST /v1/profiles (many reference images)"
+    )
+    decode_threads: int = Field(2, ge=1, le=64, description="threads decoding uploads and encoding heat maps")
+    heatmap_max_side: int = Field(1024, ge=16, description="longest side of a returned heat-map PNG")
     allowed_formats: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"]
     )
@@ -59,6 +64,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     drain_timeout_s: float = Field(30.0, ge=0.0, description="how long SIGTERM waits for accepted work")
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0.0,
+        le=300.0,
+        description="after SIGTERM, keep listening this long with /readyz at 503 (new work refused) so load "
+        "balancers stop routing here, then drain and exit",
+    )
 
     @field_validator("allowed_formats", mode="before")
     @classmethod

@@ -40,7 +40,7 @@ class Metrics:
         )
         self.images = Counter(
             "anomaly_images",
-            "Images by outcome (scored, refused, failed, cancelled)",
+            "Images by outcome (scored, refused, failed, cancelled, expired)",
             ["outcome"],
             registry=r,
         )
@@ -68,6 +68,11 @@ class Metrics:
             "anomaly_batch_size", "Images per executed batch", buckets=BATCH_SIZE_BUCKETS, registry=r
         )
         self.queued_images = Gauge("anomaly_queue_images", "Images waiting in the queue", registry=r)
+        self.inflight_requests = Gauge(
+            "anomaly_inflight_requests",
+            "HTTP requests being handled (health and metrics included)",
+            registry=r,
+        )
         self.inflight_batches = Gauge("anomaly_inflight_batches", "Batches being computed", registry=r)
         self.safe_batch_size = Gauge(
             "anomaly_safe_batch_size", "Largest batch size known to fit device memory", registry=r
