@@ -1,0 +1,183 @@
+"""A real Prometheus scrapes a real `ddm-anomaly serve` on 127.0.0.1: after a few scoring requests, a
+PromQL query through Prometheus' HTTP API returns exactly that request count, and every query of the
+provisioned Grafana dashboard evaluates."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.test_deploy_monitoring import dashboard_queries, grafana_to_promql
+
+pytestmark = [pytest.mark.live, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUESTS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def png_bytes(seed: int) -> bytes:
+    from PIL import Image
+
+    image = Image.frombytes("RGB", (32, 32), bytes((seed * 7 + i) % 256 for i in range(32 * 32 * 3)))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def wait_until(check: Any, timeout: float, what: str, log: Path | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.25)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    pytest.fail(f"timed out waiting for {what} (last: {last!r})\n{tail}")
+
+
+@pytest.fixture
+def live_service(tmp_path: Path) -> Iterator[str]:
+    """`python -m app serve` on a free port of 127.0.0.1, CPU, shipped model; yields its base URL."""
+    if importlib.util.find_spec("app.commands.serve") is None:
+        pytest.skip("`ddm-anomaly serve` is not written yet")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DDM_")}
+    env.update(
+        DDM_MODEL_DIR=str(ROOT / "model_store" / "celeba32-ref"),
+        DDM_DEVICE="cpu",
+        DDM_TORCH_THREADS="1",
+        DDM_DRAIN_TIMEOUT_S="5",
+    )
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            assert process.poll() is None, (
+                f"server exited with {process.returncode}\n{log.read_text()[-3000:]}"
+            )
+            return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+
+        wait_until(ready, 120, "/readyz", log)
+        yield base
+    finally:
+        stop(process, timeout=20)
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path, live_service: str) -> Iterator[str]:
+    """Debian's Prometheus scraping the live service every second; yields its base URL."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus not installed (Debian package `prometheus`; .ci/run installs it)")
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "ddm-anomaly",
+                "metrics_path": "/metrics",
+                "static_configs": [{"targets": [live_service.removeprefix("http://")]}],
+            }
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = tmp_path / "prometheus.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(f"{base}/-/ready", timeout=2).status_code == 200, 30, "Prometheus", log)
+        yield base
+    finally:
+        stop(process, timeout=10)
+
+
+def query(prometheus: str, promql: str) -> list[dict[str, Any]]:
+    response = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql}, timeout=5)
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "success", (promql, body)
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def test_prometheus_scrapes_the_request_count(live_service: str, prometheus: str) -> None:
+    for i in range(REQUESTS):
+        files = {"files": (f"face{i}.png", png_bytes(i), "image/png")}
+        response = httpx.post(f"{live_service}/v1/score", files=files, timeout=60)
+        assert response.status_code == 200, response.text
+
+    promql = 'sum(anomaly_requests_total{endpoint="/v1/score"})'
+
+    def counted() -> float | None:
+        result = query(prometheus, promql)
+        return float(result[0]["value"][1]) if result else None
+
+    deadline = time.monotonic() + 30
+    value = None
+    while time.monotonic() < deadline and value != REQUESTS:
+        value = counted()
+        time.sleep(0.5)
+    assert value == REQUESTS, f"{promql} = {value}, expected {REQUESTS}"
+    (up,) = query(prometheus, 'up{job="ddm-anomaly"}')
+    assert up["value"][1] == "1"
+
+    # Every dashboard query evaluates against the real series (syntax, functions, label matchers).
+    for title, expr in dashboard_queries().items():
+        query(prometheus, grafana_to_promql(expr))
+        assert title
+    ready = query(prometheus, "max(anomaly_ready)")
+    assert ready and ready[0]["value"][1] == "1"
