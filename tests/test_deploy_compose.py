@@ -94,7 +94,8 @@ def test_api_services(compose: dict[str, Any]) -> None:
         assert "ddm-anomaly" in service["networks"]["default"]["aliases"]
         # Docker's stop timeout must cover the service's drain after SIGTERM.
         grace = int(service["stop_grace_period"].removesuffix("s"))
-        assert grace > float(env["DDM_DRAIN_TIMEOUT_S"])
+        delay = float(env.get("DDM_SHUTDOWN_DELAY_S", Settings.model_fields["shutdown_delay_s"].default))
+        assert grace > delay + float(env["DDM_DRAIN_TIMEOUT_S"])
         assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
         assert {"/tmp", "/home/app/.cache"} <= set(service["tmpfs"])
         assert any(v.endswith(":/opt/ddm/model_store") for v in service["volumes"])

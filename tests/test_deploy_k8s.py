@@ -139,9 +139,14 @@ def test_drain_timing(overlay: tuple[str, tuple[Manifest, ...]]) -> None:
     command = container(docs)["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     pre_stop = float(command[1])
-    drain = float(settings_of(docs)["DDM_DRAIN_TIMEOUT_S"])
+    settings = settings_of(docs)
+    defaults = Settings.model_fields
+    drain = float(settings.get("DDM_DRAIN_TIMEOUT_S", defaults["drain_timeout_s"].default))
+    # The service's own delay (listening with /readyz at 503) comes after preStop and before the drain.
+    delay = float(settings.get("DDM_SHUTDOWN_DELAY_S", defaults["shutdown_delay_s"].default))
     assert pre_stop >= 5
-    assert pre_stop + drain < pod["terminationGracePeriodSeconds"] <= pre_stop + drain + 30
+    needed = pre_stop + delay + drain
+    assert needed < pod["terminationGracePeriodSeconds"] <= needed + 30
 
 
 def test_restricted_security_context(overlay: tuple[str, tuple[Manifest, ...]]) -> None:
