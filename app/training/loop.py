@@ -281,7 +281,8 @@ def train(config: TrainConfig, stop: threading.Event | None = None) -> TrainResu
             if not math.isfinite(value):
                 raise RuntimeError(f"loss became {value} at step {step}; last checkpoint: step {last_saved}")
             recent.append(value)
-            loss_ema = value if loss_ema is None else 0.99 * loss_ema + 0.01 * value
+            decay = min(0.99, 1.0 - 1.0 / step)  # running mean for the first 100 steps, then an EMA
+            loss_ema = value if loss_ema is None else decay * loss_ema + (1.0 - decay) * value
             bar.update(1)
             bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr_now:.1e}", refresh=False)
             if config.log_every and step % config.log_every == 0:
