@@ -52,9 +52,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app ./app
 # The pin keeps pip from swapping the variant's torch for another build while resolving the rest.
+# Bytecode stays compiled (the runtime root is read-only); pip itself is not needed at run time.
 RUN pip install --no-cache-dir . "torch==${TORCH_VERSION}" \
-    && pip uninstall -y pip setuptools wheel \
-    && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
+    && python -m pip uninstall -y pip
 
 # ---- runtime ---------------------------------------------------------------------------------------------
 FROM os AS runtime
