@@ -1,0 +1,107 @@
+"""``ddm-anomaly serve``: the HTTP service under uvicorn.
+
+SIGTERM/SIGINT: readiness turns 503 and new work is refused at once; after ``shutdown_delay_s`` uvicorn
+stops listening, waits for the requests already accepted (up to ``drain_timeout_s``), and the lifespan
+shutdown drains the batcher. The process then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the HTTP scoring service",
+        description="Serve POST /v1/score, /v1/models, /v1/profiles, health and /metrics with uvicorn. "
+        "Every setting comes from DDM_* environment variables (see README); flags override them.",
+    )
+    p.add_argument("--host", help="bind address (DDM_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (DDM_PORT, default 8000; 0 = any free port)")
+    p.add_argument("--model-dir", type=Path, metavar="DIR", help="diffusers model folder (DDM_MODEL_DIR)")
+    p.add_argument("--profiles-dir", type=Path, metavar="DIR", help="calibration profiles (DDM_PROFILES_DIR)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="DDM_DEVICE")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="DDM_DTYPE")
+    p.add_argument("--max-batch-size", type=int, help="DDM_MAX_BATCH_SIZE")
+    p.add_argument("--max-batch-delay-ms", type=float, help="DDM_MAX_BATCH_DELAY_MS")
+    p.add_argument("--torch-threads", type=int, help="DDM_TORCH_THREADS")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="DDM_LOG_LEVEL")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+    from app.web import create_app
+
+    fields = ("host", "port", "model_dir", "profiles_dir", "device", "dtype", "max_batch_size",
+              "max_batch_delay_ms", "torch_threads", "log_level")  # fmt: skip
+    overrides = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        log.error("invalid settings: %s", exc)
+        return 2
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
+        lifespan="on",
+    )
+    server = DrainingServer(
+        config, on_signal=app.state.service.begin_drain, delay_s=settings.shutdown_delay_s
+    )
+    # uvicorn re-raises the signal it caught once it has shut down; with these handlers in place that is a
+    # no-op and the process exits 0 instead of dying of the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _ignore)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _ignore(sig: int, frame: FrameType | None) -> None:
+    pass
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server with one change: the first signal only starts draining (``on_signal``: readiness
+    503, new work refused) and ``delay_s`` later uvicorn's usual graceful shutdown begins. A second signal
+    goes straight to uvicorn (a second SIGINT forces exit)."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None], delay_s: float) -> None:
+        super().__init__(config)
+        self.on_signal = on_signal
+        self.delay_s = delay_s
+        self.exit_requested_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.exit_requested_at is not None:
+            super().handle_exit(sig, frame)
+            return
+        self.exit_requested_at = time.monotonic()
+        log.info("signal %d: draining; shutdown in %.1f s, then accepted work finishes", sig, self.delay_s)
+        self.on_signal()
+        if self.delay_s <= 0:
+            super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        requested = self.exit_requested_at
+        if requested is not None and time.monotonic() - requested >= self.delay_s:
+            self.should_exit = True
+        return await super().on_tick(counter)

@@ -1,0 +1,55 @@
+"""Heat maps as images: where along the trajectory the model found an image hard to explain.
+
+The model scores the largest centred square of the source image, so the map is placed over that square
+of a canvas the size of the source image; outside it the PNG is fully transparent. Overlaying the PNG on
+the original (same size) lines the two up.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image
+
+DEFAULT_COLORMAP = "inferno"
+
+
+def normalise(heatmap: np.ndarray) -> np.ndarray:
+    """(H, W) -> [0, 1] by the map's own min and max; constant or non-finite maps give zeros."""
+    arr = np.asarray(heatmap, dtype=np.float64)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return np.zeros(arr.shape, dtype=np.float64)
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    if hi - lo <= 0:
+        return np.zeros(arr.shape, dtype=np.float64)
+    return np.where(finite, (arr - lo) / (hi - lo), 0.0)
+
+
+def heatmap_png(
+    heatmap: np.ndarray,
+    source_size: tuple[int, int],
+    *,
+    max_side: int = 1024,
+    colormap: str = DEFAULT_COLORMAP,
+    opacity: float = 0.8,
+) -> bytes:
+    """Colour PNG (RGBA) of an (H, W) heat map, upsampled onto the source image's centred square.
+
+    ``source_size`` is (width, height) of the uploaded image; the canvas is that size, scaled down so its
+    longer side is at most ``max_side`` (the aspect ratio is kept).
+    """
+    width, height = source_size
+    scale = min(1.0, max_side / max(width, height, 1))
+    canvas_w, canvas_h = max(1, round(width * scale)), max(1, round(height * scale))
+    side = max(1, round(min(width, height) * scale))
+    rgba = (colormaps[colormap](normalise(heatmap)) * 255.0 + 0.5).astype(np.uint8)
+    rgba[..., 3] = round(255 * opacity)
+    square = Image.fromarray(rgba).resize((side, side), Image.Resampling.BILINEAR)
+    canvas = Image.new("RGBA", (canvas_w, canvas_h), (0, 0, 0, 0))
+    canvas.paste(square, ((canvas_w - side) // 2, (canvas_h - side) // 2))
+    out = io.BytesIO()
+    canvas.save(out, format="PNG", optimize=False)
+    return out.getvalue()

@@ -1,0 +1,297 @@
+"""The data plane: engine + profiles + batcher + metrics behind plain async methods (no HTTP here).
+
+Routes call :class:`ScoringService`; it decodes uploads on a small thread pool, queues the decoded images
+on the batcher (whose worker thread is the only caller of the engine's ``run``), judges the results
+against a calibration profile and counts everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal, Protocol, TypeVar
+
+import numpy as np
+
+from app.engine.calibration import DEFAULT_FPRS, Profile, fit_profile
+from app.engine.explain import heatmap_png
+from app.engine.preprocessing import DecodeLimits, PreparedImage
+from app.engine.profile_store import ProfileStore, validate_profile_name
+from app.engine.scorer import Scorer
+from app.engine.types import ImageStats, MethodOptions, ModelInfo, Verdict
+from app.errors import InvalidInput, ModelNotFound, ModelNotReady, PayloadTooLarge, ProfileMismatch
+from app.service.batcher import DynamicBatcher
+from app.service.metrics import Metrics
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+State = Literal["loading", "ready", "failed", "draining", "stopped"]
+V = TypeVar("V")
+
+
+class Engine(Protocol):
+    """What the service needs from the engine (``Scorer``; tests pass a fake)."""
+
+    options: MethodOptions
+
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def info(self) -> ModelInfo: ...
+    def load(self, warmup_batch: int = 2) -> None: ...
+    def decode(self, data: bytes) -> PreparedImage: ...
+    def run(self, batch: Sequence[PreparedImage]) -> list[ImageStats]: ...
+    def memory(self) -> dict[str, float]: ...
+
+
+@dataclass
+class ImageResult:
+    id: str
+    verdict: Verdict
+    stats: ImageStats
+    heatmap_png: bytes | None = None
+
+
+@dataclass
+class ScoreOutcome:
+    results: list[ImageResult]
+    profile: Profile
+    model: ModelInfo
+    options: MethodOptions
+    timings: dict[str, float]  # seconds: decode, queue, compute, total; plus "batches"
+
+
+def engine_from_settings(settings: Settings) -> Scorer:
+    return Scorer(
+        settings.model_dir,
+        device=settings.device,
+        dtype=settings.dtype,
+        options=MethodOptions(method=settings.method, steps=settings.steps),
+        torch_threads=settings.torch_threads,
+        limits=DecodeLimits(
+            max_pixels=settings.max_image_pixels, allowed_formats=tuple(settings.allowed_formats)
+        ),
+    )
+
+
+class ScoringService:
+    def __init__(self, settings: Settings, metrics: Metrics, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.engine: Engine = engine if engine is not None else engine_from_settings(settings)
+        self.batcher: DynamicBatcher[PreparedImage, ImageStats] = DynamicBatcher(
+            self.engine.run,
+            max_batch_size=settings.max_batch_size,
+            max_batch_delay_s=settings.max_batch_delay_ms / 1000.0,
+            max_queue_items=settings.max_queue_images,
+            metrics=metrics,
+        )
+        self.state: State = "loading"
+        self.failure: str | None = None
+        self._profiles: ProfileStore | None = None
+        self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self._loader: threading.Thread | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> threading.Thread:
+        """Load and warm up the model on a background thread; ``state`` becomes ready or failed."""
+        self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
+        self._loader.start()
+        return self._loader
+
+    def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            self.engine.load(warmup_batch=2 if self.settings.warmup else 0)
+            info = self.engine.info
+            directory = self.settings.profiles_dir or self.settings.model_dir / "profiles"
+            self._profiles = ProfileStore(directory, info.model_id, self.engine.options)
+            loaded = self._profiles.load_all()
+            if not isinstance(loaded.get(self.settings.default_profile), Profile):
+                log.warning("default calibration profile %r is not available; requests must name one",
+                            self.settings.default_profile)  # fmt: skip
+        except Exception as exc:  # any load failure keeps the service up and not ready, with the reason
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self.state = "failed"
+            log.error("model failed to load from %s: %s", self.settings.model_dir, self.failure)
+            return
+        self.batcher.start()
+        self.metrics.model_info.labels(
+            model_id=info.model_id, device=info.device, dtype=info.dtype, method=self.engine.options.method
+        ).set(1)
+        if self.state == "loading":
+            self.state = "ready"
+            self.metrics.ready.set(1)
+        log.info("model %s ready on %s in %.1f s (profiles: %s)", info.model_id, info.device,
+                 time.monotonic() - started, ", ".join(loaded) or "none")  # fmt: skip
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def begin_drain(self) -> None:
+        """Readiness goes false and new work is refused; accepted work continues."""
+        if self.state in ("loading", "ready"):
+            log.info("draining: readiness is now false, new work is refused")
+        self.state = "draining"
+        self.metrics.ready.set(0)
+
+    async def close(self) -> None:
+        """Finish every accepted request (up to ``drain_timeout_s``), then stop the worker and pools."""
+        self.begin_drain()
+        drained = await asyncio.to_thread(self.batcher.close, True, self.settings.drain_timeout_s)
+        if not drained:
+            log.error("drain timeout (%.0f s) passed with work left", self.settings.drain_timeout_s)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.state = "stopped"
+
+    def _check_ready(self) -> ProfileStore:
+        if self.state != "ready" or self._profiles is None:
+            reason = {"loading": "the model is still loading", "failed": "the model failed to load"}
+            raise ModelNotReady(reason.get(self.state, "the service is shutting down"))
+        return self._profiles
+
+    # --- scoring --------------------------------------------------------------------------------------
+    async def score(
+        self,
+        images: Sequence[tuple[str, bytes]],
+        *,
+        profile: str | None = None,
+        explain: bool = False,
+        deadline: float | None = None,
+    ) -> ScoreOutcome:
+        """Judge each (id, encoded bytes) against a profile; results in request order."""
+        t0 = time.monotonic()
+        store = self._check_ready()
+        if not images:
+            raise InvalidInput("no images in the request")
+        if len(images) > self.settings.max_images_per_request:
+            raise PayloadTooLarge(
+                f"{len(images)} images in one request; at most {self.settings.max_images_per_request}"
+            )
+        calibration = store.get(validate_profile_name(profile or self.settings.default_profile))
+        prepared = await self._decode_all(images)
+        t_decoded = time.monotonic()
+        done = await self.batcher.run(prepared, deadline)
+        verdicts = calibration.verdicts(done.outputs)
+        pngs: list[bytes | None] = [None] * len(prepared)
+        if explain:
+            side = self.settings.heatmap_max_side
+            pngs = list(
+                await asyncio.gather(
+                    *(self._in_pool(partial(heatmap_png, max_side=side), s.heatmap, p.source_size)
+                      for s, p in zip(done.outputs, prepared, strict=True))
+                )
+            )  # fmt: skip
+        self._count_verdicts(calibration.name, verdicts)
+        results = [
+            ImageResult(image_id, verdict, stats, png)
+            for (image_id, _), verdict, stats, png in zip(images, verdicts, done.outputs, pngs, strict=True)
+        ]
+        timings = {
+            "decode": t_decoded - t0,
+            "queue": done.queue_s,
+            "compute": done.compute_s,
+            "batches": float(done.batches),
+            "total": time.monotonic() - t0,
+        }
+        return ScoreOutcome(results, calibration, self.engine.info, self.engine.options, timings)
+
+    def _count_verdicts(self, profile: str, verdicts: list[Verdict]) -> None:
+        for v in verdicts:
+            if v.score is not None:
+                self.metrics.scores.labels(profile=profile).observe(v.score)
+            label = "non_finite" if v.score is None else ("anomaly" if v.is_anomaly else "normal")
+            self.metrics.verdicts.labels(profile=profile, verdict=label).inc()
+
+    async def _decode_all(self, images: Sequence[tuple[str, bytes]]) -> list[PreparedImage]:
+        results = await asyncio.gather(
+            *(self._in_pool(self.engine.decode, data) for _, data in images), return_exceptions=True
+        )
+        for (image_id, _), result in zip(images, results, strict=True):
+            if isinstance(result, InvalidInput):  # the first bad image names itself; same error class
+                raise type(result)(f"image {image_id!r}: {result}") from result
+            if isinstance(result, BaseException):
+                raise result
+        return [r for r in results if isinstance(r, PreparedImage)]
+
+    async def _in_pool(self, fn: Callable[..., V], *args: Any) -> V:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # --- profiles and metadata ----------------------------------------------------------------------
+    async def create_profile(
+        self,
+        name: str,
+        images: Sequence[tuple[str, bytes]],
+        *,
+        fprs: Sequence[float] = DEFAULT_FPRS,
+        default_fpr: float = 0.05,
+        overwrite: bool = False,
+        source: str = "",
+    ) -> Profile:
+        """Score normal images through the shared queue, fit a profile, persist it; usable at once."""
+        store = self._check_ready()
+        validate_profile_name(name)
+        if len(images) > self.settings.max_profile_images:
+            raise PayloadTooLarge(
+                f"{len(images)} images; a profile takes at most {self.settings.max_profile_images}"
+            )
+        if store.path(name).exists() and not overwrite:
+            raise InvalidInput(f"profile {name!r} exists already (set overwrite to replace it)")
+        chunk = max(1, min(self.settings.max_batch_size, self.settings.max_queue_images // 2))
+        features: list[np.ndarray] = []
+        for start in range(0, len(images), chunk):  # a chunk at a time: shares the queue with scoring
+            prepared = await self._decode_all(images[start : start + chunk])
+            done = await self.batcher.run(prepared)
+            features.extend(s.features for s in done.outputs)
+        info = self.engine.info
+        profile = await asyncio.to_thread(
+            fit_profile,
+            name,
+            np.stack(features) if features else np.empty((0, 0)),
+            model_id=info.model_id,
+            options=self.engine.options,
+            fprs=tuple(fprs),
+            default_fpr=default_fpr,
+            source=source,
+        )
+        await asyncio.to_thread(store.save, profile, overwrite)
+        log.info("calibration profile %r created from %d images", name, len(images))
+        return profile
+
+    def model_ids(self) -> list[str]:
+        return [self.engine.info.model_id] if self.engine.ready else []
+
+    def describe_model(self, model_id: str | None = None) -> dict[str, Any]:
+        """Base model metadata, method options and calibration profiles (usable and refused)."""
+        store = self._check_ready()
+        info = self.engine.info
+        if model_id is not None and model_id not in (info.model_id, info.name):
+            raise ModelNotFound(f"no model {model_id!r}; this service runs {info.model_id}")
+        profiles, refused = [], []
+        for name, loaded in store.load_all().items():
+            if isinstance(loaded, ProfileMismatch):
+                refused.append({"name": name, "reason": str(loaded)})
+            else:
+                profiles.append(loaded.summary())
+        return {
+            **info.to_dict(),
+            "id": info.model_id,
+            "options": self.engine.options.to_dict(),
+            "default_profile": self.settings.default_profile,
+            "profiles": profiles,
+            "refused_profiles": refused,
+        }
+
+    def update_gauges(self) -> None:
+        self.metrics.queued_images.set(self.batcher.queued)
+        if self.engine.ready:
+            for kind, value in self.engine.memory().items():
+                self.metrics.device_memory.labels(kind=kind).set(value)

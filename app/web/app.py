@@ -1,0 +1,52 @@
+"""``create_app(settings)``: assembles settings, metrics, the scoring service, middleware and routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from app import __version__
+from app.service.metrics import Metrics
+from app.service.scoring import Engine, ScoringService
+from app.settings import Settings
+from app.web.errors import install_error_handlers
+from app.web.middleware import RequestContext
+from app.web.routes import health, models, scoring
+
+DESCRIPTION = """Zero-shot image anomaly scoring along a pretrained diffusion model's denoising trajectory.
+
+Images from many requests share model batches (dynamic batching); each answer is calibrated against a
+profile of normal images. Errors are `{"error": {"code", "message", "request_id"}}`."""
+
+
+def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
+    """Build the ASGI app. The model loads on a background thread when the app starts (lifespan), so
+    ``/livez`` answers at once and ``/readyz`` turns 200 after warm-up; shutdown drains the queue."""
+    settings = settings if settings is not None else Settings()  # type: ignore[call-arg]  # from env
+    metrics = Metrics(CollectorRegistry())
+    service = ScoringService(settings, metrics, engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            await service.close()
+
+    app = FastAPI(title="ddm-anomaly", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = service
+    install_error_handlers(app, metrics)
+
+    def body_limit(path: str) -> int:
+        return settings.max_profile_upload_bytes if path == "/v1/profiles" else settings.max_upload_bytes
+
+    app.add_middleware(RequestContext, metrics=metrics, body_limit=body_limit)
+    for module in (scoring, models, health):
+        app.include_router(module.router)
+    return app

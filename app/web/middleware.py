@@ -1,0 +1,100 @@
+"""One pure-ASGI middleware around every HTTP request: request id, body byte cap, metrics, last-resort 500.
+
+The byte cap is enforced while the body streams in: a declared ``Content-Length`` over the cap is refused
+before anything is read, and a chunked body is cut off (PayloadTooLarge, raised from ``receive``) as soon
+as it passes the cap, so no route ever holds more than the cap in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import PayloadTooLarge
+from app.service.metrics import Metrics
+from app.web.errors import error_response
+
+log = logging.getLogger("app.web")
+
+REQUEST_ID_HEADER = "x-request-id"
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, body_limit: Callable[[str], int]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.body_limit = body_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        incoming = headers.get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _CLIENT_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
+        scope["state"]["received_at"] = time.monotonic()
+        limit = self.body_limit(scope.get("path", ""))
+        status = 500
+        started = False
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(f"request body over the cap of {limit} bytes")
+            return message
+
+        async def tagged_send(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        t0 = time.perf_counter()
+        self.metrics.inflight_requests.inc()
+        try:
+            declared = _content_length(headers)
+            if declared is not None and declared > limit:
+                self.metrics.refuse("too_large")
+                log.info("refused %s -> 413: body of %d bytes over %d [request_id=%s]", scope.get("path"),
+                         declared, limit, request_id)  # fmt: skip
+                message = f"request body of {declared} bytes is over the cap of {limit} bytes"
+                await error_response(413, "too_large", message, request_id)(scope, receive, tagged_send)
+                return
+            await self.app(scope, limited_receive, tagged_send)
+        except Exception:
+            log.exception("unhandled error on %s [request_id=%s]", scope.get("path"), request_id)
+            self.metrics.refuse("engine_error")
+            if not started:
+                await error_response(500, "internal", "internal error", request_id)(
+                    scope, receive, tagged_send
+                )
+        finally:
+            self.metrics.inflight_requests.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint=endpoint, code=str(status)).inc()
+            self.metrics.request_latency.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
+
+
+def _content_length(headers: dict[str, str]) -> int | None:
+    value = headers.get("content-length")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None  # h11/httptools reject a malformed header before we get here

@@ -1,0 +1,161 @@
+"""Request bodies -> (id, encoded image bytes) lists plus options, for multipart, JSON and raw image bodies.
+
+The byte cap is enforced underneath (RequestContext wraps ``receive``); here the number of parts is capped
+while parsing, base64 is checked, and JSON is validated off the event loop. ``until_disconnected`` runs
+the work and cancels it if the client goes away (its queued images then never reach the model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from app.web.errors import ClientGone
+from app.web.schemas import ImageIn
+
+M = TypeVar("M", bound=BaseModel)
+V = TypeVar("V")
+
+MAX_FORM_FIELDS = 16
+RAW_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff")
+
+
+@dataclass
+class Upload:
+    images: list[tuple[str, bytes]]
+    fields: dict[str, str] = field(default_factory=dict)  # multipart form fields (options)
+    body: BaseModel | None = None  # the validated JSON body
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_upload(request: Request, json_model: type[M], max_images: int) -> Upload:
+    """Parse the body by content type: multipart ``files`` parts, JSON ``images``, or one raw image."""
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        return await _read_multipart(request, max_images)
+    if kind == "application/json":
+        body = await _read_json(request, json_model)
+        images = getattr(body, "images", [])
+        if len(images) > max_images:
+            raise PayloadTooLarge(f"{len(images)} images in one request; at most {max_images}")
+        decoded = await asyncio.to_thread(_decode_images, images)
+        return Upload(decoded, body=body)
+    if kind in RAW_IMAGE_TYPES:
+        data = b"".join([chunk async for chunk in request.stream()])
+        return Upload([("0", data)])
+    raise UnsupportedMediaType(
+        f"content type {kind or '(none)'!r} not accepted: send multipart/form-data with 'files' parts, "
+        "application/json with base64 'images', or one image as image/png|jpeg|..."
+    )
+
+
+async def _read_multipart(request: Request, max_images: int) -> Upload:
+    parser = MultiPartParser(
+        request.headers, request.stream(), max_files=max_images, max_fields=MAX_FORM_FIELDS
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        error = PayloadTooLarge if exc.message.startswith("Too many") else InvalidInput
+        raise error(f"multipart body: {exc.message}") from None
+    try:
+        images: list[tuple[str, bytes]] = []
+        fields: dict[str, str] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key not in ("files", "file"):
+                    raise InvalidInput(f"unexpected file part {key!r}; send images as 'files' parts")
+                image_id = (value.filename or "")[:200] or str(len(images))
+                images.append((image_id, await value.read()))
+            elif key in ("files", "file"):
+                raise InvalidInput("a 'files' part must be a file upload (with a filename)")
+            else:
+                fields[key] = value
+        return Upload(images, fields=fields)
+    finally:
+        await form.close()
+
+
+async def _read_json(request: Request, model: type[M]) -> M:
+    body = b"".join([chunk async for chunk in request.stream()])
+    try:
+        return await asyncio.to_thread(model.model_validate_json, body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+
+
+def _decode_images(images: list[ImageIn]) -> list[tuple[str, bytes]]:
+    out = []
+    for index, image in enumerate(images):
+        image_id = image.id if image.id is not None else str(index)
+        out.append((image_id, decode_base64(image.data, image_id)))
+    return out
+
+
+def decode_base64(text: str, image_id: str = "") -> bytes:
+    """Standard or URL-safe base64, optionally as a ``data:...;base64,`` URL; whitespace is ignored."""
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    compact = "".join(text.split())
+    if "-" in compact or "_" in compact:
+        compact = compact.replace("-", "+").replace("_", "/")
+    compact += "=" * (-len(compact) % 4)
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"image {image_id!r}: data is not valid base64") from None
+
+
+def form_flag(fields: dict[str, str], name: str) -> bool | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise InvalidInput(f"form field {name!r} must be true or false, got {value[:20]!r}")
+
+
+async def until_disconnected(request: Request, work: Awaitable[V]) -> V:
+    """Await ``work``; if the client disconnects first, cancel it and raise ClientGone.
+
+    After the body is read, the server's ``receive`` only returns when the client disconnects (or the
+    response is complete), so one waiting task is enough; nothing polls.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if task.cancelled():
+        raise ClientGone("the client disconnected; its work was cancelled")
+    return task.result()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
