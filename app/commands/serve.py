@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from app.settings import Settings
-    from app.web import create_app
+    from app.web.app import create_app
 
     fields = ("host", "port", "model_dir", "profiles_dir", "device", "dtype", "max_batch_size",
               "max_batch_delay_ms", "torch_threads", "log_level")  # fmt: skip

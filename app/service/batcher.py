@@ -119,6 +119,10 @@ class DynamicBatcher(Generic[T, R]):
         return len(self._queue)
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def safe_batch_size(self) -> int:
         return self._safe_size
 

@@ -1,5 +1,5 @@
-"""The HTTP layer (FastAPI): routes, schemas, the error table, auth and request middleware."""
+"""The HTTP layer (FastAPI): routes, schemas, the error table, auth and request middleware.
 
-from app.web.app import create_app
-
-__all__ = ["create_app"]
+``app.web.app.create_app(settings)`` builds the application. This package module imports nothing, so
+``app.client`` can use ``app.web.schemas`` without loading FastAPI, torch or the engine.
+"""
