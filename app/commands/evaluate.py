@@ -1,0 +1,134 @@
+"""``ddm-anomaly evaluate``: AUROC / AUPR / FPR@95 of every method for ID vs each OOD folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from app.commands.common import add_engine_args, load_scorer, method_options, settings_from_args
+from app.engine.calibration import fit_profile
+from app.engine.datasets import feature_matrix, folder_statistics, list_images
+from app.engine.evaluation import PairResult, detection_metrics, format_table, plot_roc_and_histograms
+from app.engine.types import METHODS
+
+log = logging.getLogger(__name__)
+
+
+def _named_dir(text: str) -> tuple[str, Path]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError("expected NAME=DIR")
+    return name, Path(folder)
+
+
+EVALUATE_DESCRIPTION = """\
+Fit each method on normal images (--fit, default: a seeded half of the --id folder, disjoint from the ID
+images scored), score the ID folder and every OOD folder, and report AUROC, AUPR (OOD positive) and FPR
+at 95% TPR per pair and method. Writes JSON to --json and a ROC plot and score histograms as PNG next to
+it. The trajectory methods share one model pass per image."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="measure detection quality: ID folder vs OOD folders, several methods",
+        description=EVALUATE_DESCRIPTION,
+    )
+    add_engine_args(p, method=False)
+    p.add_argument("--id", required=True, type=Path, help="in-distribution (normal) test folder")
+    p.add_argument("--id-name", help="label of the ID set (default: folder name)")
+    p.add_argument(
+        "--ood",
+        required=True,
+        nargs="+",
+        action="extend",
+        type=_named_dir,
+        metavar="NAME=DIR",
+        help="OOD sets",
+    )
+    p.add_argument("--fit", nargs="+", action="extend", type=Path, help="folders of normal images to fit on")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to compare")
+    p.add_argument("--limit", type=int, help="at most N images per scored set (seeded choice)")
+    p.add_argument("--fit-limit", type=int, default=2000, help="at most M fitting images (default 2000)")
+    p.add_argument("--json", required=True, type=Path, help="output JSON file")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(func=run)
+
+
+def split_id_and_fit(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
+    """ID test images and fitting images, never overlapping."""
+    if args.fit:
+        fit = [p for folder in args.fit for p in list_images(folder, seed=0)]
+        fit_set = {p.resolve() for p in fit}
+        ids = [p for p in list_images(args.id, seed=1) if p.resolve() not in fit_set]
+    else:
+        shuffled = list_images(args.id, seed=0)
+        half = len(shuffled) // 2
+        fit, ids = shuffled[:half], shuffled[half:]
+    return ids[: args.limit] if args.limit else ids, fit[: args.fit_limit]
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    scorer = load_scorer(settings, method_options(settings, args.methods[0]))
+    id_name = args.id_name or args.id.name
+    id_paths, fit_paths = split_id_and_fit(args)
+    if not fit_paths or not id_paths:
+        raise SystemExit("evaluate: no fitting or no ID images")
+    sets = {"__fit__": fit_paths, id_name: id_paths}
+    for name, folder in args.ood:
+        sets[name] = list_images(folder, args.limit, seed=0 if args.limit else None)
+
+    started = time.perf_counter()
+    n_images = 0
+    features: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
+    for name, paths in sets.items():
+        kept, stats = folder_statistics(scorer, paths, args.methods, args.batch_size, desc=name)
+        n_images += len(kept)
+        for m in args.methods:
+            features[m][name] = feature_matrix(stats[m])
+    seconds = time.perf_counter() - started
+
+    scores: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
+    results: list[PairResult] = []
+    for m in args.methods:
+        options = method_options(settings, m)
+        profile = fit_profile(
+            f"eval-{m}", features[m]["__fit__"], model_id=scorer.info.model_id, options=options
+        )
+        for name in sets:
+            if name != "__fit__":
+                scores[m][name] = profile.score(features[m][name])
+        for name, _ in args.ood:
+            auroc, aupr, fpr95 = detection_metrics(scores[m][id_name], scores[m][name])
+            results.append(
+                PairResult(
+                    m, id_name, name, auroc, aupr, fpr95, len(scores[m][id_name]), len(scores[m][name])
+                )
+            )
+
+    print(format_table(results))
+    per_image = seconds / max(n_images, 1)
+    print(
+        f"\n{n_images} images in {seconds:.1f} s ({per_image * 1000:.1f} ms/image for all methods together)"
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "results": [r.to_dict() for r in results],
+        "model_id": scorer.info.model_id,
+        "options": {m: method_options(settings, m).to_dict() for m in args.methods},
+        "n_fit": len(features[args.methods[0]]["__fit__"]),
+        "seconds": seconds,
+        "seconds_per_image": per_image,
+        "device": scorer.info.device,
+    }
+    args.json.write_text(json.dumps(report, indent=2))
+    if not args.no_plots:
+        for path in plot_roc_and_histograms(scores, id_name, args.json.with_suffix("")):
+            print(f"wrote {path}")
+    return 0
