@@ -22,8 +22,6 @@ K8S = ROOT / "k8s"
 OVERLAYS = ("cpu", "gpu")
 # Oldest and newest Kubernetes minor versions the manifests are checked against.
 KUBERNETES_VERSIONS = ("1.28", "1.37")
-# Routes of the service contract (docs: SERVICE.md); cross-checked with the app's routes where it loads.
-CONTRACT_ROUTES = {"/livez", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"}
 
 Manifest = dict[str, Any]
 
@@ -51,14 +49,12 @@ def one(docs: tuple[Manifest, ...], kind: str) -> Manifest:
     return doc
 
 
-def app_routes() -> set[str]:
-    """Paths the service really serves: from the FastAPI app where it can be built, else the contract."""
-    try:
-        from app.web.app import create_app
-    except ImportError:
-        return CONTRACT_ROUTES
-    application = create_app(Settings())
-    return {route.path for route in application.routes if hasattr(route, "path")}
+@cache
+def app_routes() -> frozenset[str]:
+    """Paths the service really serves, from the FastAPI app's OpenAPI document."""
+    from app.web.app import create_app
+
+    return frozenset(create_app(Settings()).openapi()["paths"])
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)

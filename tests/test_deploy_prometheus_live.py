@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.live, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUESTS = 3
+PROFILE_IMAGES = 12  # calibration needs at least 10
 
 
 def free_port() -> int:
@@ -37,11 +38,15 @@ def free_port() -> int:
 
 
 def png_bytes(seed: int) -> bytes:
+    """A 32x32 RGB PNG: a smooth gradient plus seeded noise, different for every seed."""
+    import numpy as np
     from PIL import Image
 
-    image = Image.frombytes("RGB", (32, 32), bytes((seed * 7 + i) % 256 for i in range(32 * 32 * 3)))
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, 32)[None, :, None] * rng.uniform(0.3, 1.0, size=(1, 1, 3))
+    pixels = np.clip(ramp + rng.normal(0, 20, size=(32, 32, 3)), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -72,7 +77,8 @@ def wait_until(check: Any, timeout: float, what: str, log: Path | None = None) -
 
 @pytest.fixture
 def live_service(tmp_path: Path) -> Iterator[str]:
-    """`python -m app serve` on a free port of 127.0.0.1, CPU, shipped model; yields its base URL."""
+    """`python -m app serve` on a free port of 127.0.0.1, CPU, shipped model, profiles in a temporary folder
+    (open profile creation); yields its base URL."""
     if importlib.util.find_spec("app.commands.serve") is None:
         pytest.skip("`ddm-anomaly serve` is not written yet")
     port = free_port()
@@ -82,6 +88,8 @@ def live_service(tmp_path: Path) -> Iterator[str]:
         DDM_DEVICE="cpu",
         DDM_TORCH_THREADS="1",
         DDM_DRAIN_TIMEOUT_S="5",
+        DDM_PROFILES_DIR=str(tmp_path / "profiles"),
+        DDM_ALLOW_OPEN_PROFILE_CREATION="true",
     )
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
@@ -155,6 +163,10 @@ def query(prometheus: str, promql: str) -> list[dict[str, Any]]:
 
 
 def test_prometheus_scrapes_the_request_count(live_service: str, prometheus: str) -> None:
+    # A calibration profile first (the operator's step after deploying; counted on /v1/profiles).
+    files = [("files", (f"normal{i}.png", png_bytes(100 + i), "image/png")) for i in range(PROFILE_IMAGES)]
+    response = httpx.post(f"{live_service}/v1/profiles", data={"name": "default"}, files=files, timeout=120)
+    assert response.status_code == 201, response.text
     for i in range(REQUESTS):
         files = {"files": (f"face{i}.png", png_bytes(i), "image/png")}
         response = httpx.post(f"{live_service}/v1/score", files=files, timeout=60)
@@ -181,3 +193,5 @@ def test_prometheus_scrapes_the_request_count(live_service: str, prometheus: str
         assert title
     ready = query(prometheus, "max(anomaly_ready)")
     assert ready and ready[0]["value"][1] == "1"
+    verdicts = query(prometheus, 'sum(anomaly_verdicts_total{profile="default"})')
+    assert verdicts and float(verdicts[0]["value"][1]) == REQUESTS
