@@ -14,14 +14,15 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from kubernetes_validate.utils import latest_version
 
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 OVERLAYS = ("cpu", "gpu")
-# Oldest and newest Kubernetes minor versions the manifests are checked against.
-KUBERNETES_VERSIONS = ("1.28", "1.37")
+# The oldest Kubernetes release the manifests support, and the newest one kubernetes-validate knows.
+KUBERNETES_VERSIONS = ("1.28", latest_version())
 
 Manifest = dict[str, Any]
 
