@@ -1,0 +1,102 @@
+"""Calibration profiles: density monotonicity, honest thresholds, persistence and refusal of mismatches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.engine.calibration import (
+    GaussianMixtureDensity,
+    Profile,
+    conformal_threshold,
+    fit_profile,
+)
+from app.engine.profile_store import ProfileStore, validate_profile_name
+from app.engine.types import ImageStats, MethodOptions
+from app.errors import InvalidInput, ProfileMismatch, ProfileNotFound
+
+OPTIONS = MethodOptions()
+
+
+def normal_features(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 6)) * [1, 2, 3, 1, 2, 3] + [10, 0, -5, 0, 100, 0]
+
+
+def test_gmm_score_grows_with_distance_from_the_normal_mode() -> None:
+    f = normal_features(600)
+    profile = fit_profile("p", f, model_id="m@1", options=OPTIONS)
+    centre = f.mean(axis=0)
+    direction = np.array([1, 1, 1, 1, 1, 1]) / np.sqrt(6)
+    ray = np.stack([centre + d * direction for d in (0, 1, 2, 4, 8, 16)])
+    scores = profile.score(ray)
+    assert np.all(np.diff(scores) > 0)
+
+
+def test_bic_picks_two_components_for_two_clusters() -> None:
+    f = np.r_[normal_features(300, 1), normal_features(300, 2) + 40]
+    density = GaussianMixtureDensity.fit(f, max_components=4)
+    assert density.n_components == 2
+
+
+def test_conformal_threshold_by_hand_and_false_positive_rate_holds() -> None:
+    assert conformal_threshold(np.arange(1.0, 101.0), 0.05) == 96.0  # ceil(101 * 0.95) = 96th value
+    profile = fit_profile("p", normal_features(1000), model_id="m@1", options=OPTIONS, fprs=(0.05,))
+    fresh = profile.score(normal_features(4000, seed=9))
+    assert 0.02 < (fresh > profile.threshold).mean() < 0.08
+
+
+def test_verdict_fields_and_non_finite_scores_are_never_numbers() -> None:
+    profile = fit_profile("p", normal_features(200), model_id="m@1", options=OPTIONS)
+    stats = [
+        ImageStats(
+            normal_features(1, 5)[0], np.zeros((10, 3)), np.zeros((9, 3)), np.arange(10), np.zeros((2, 2))
+        ),
+        ImageStats(np.full(6, np.nan), np.zeros((10, 3)), np.zeros((9, 3)), np.arange(10), np.zeros((2, 2))),
+        ImageStats(
+            normal_features(1)[0] * 50, np.zeros((10, 3)), np.zeros((9, 3)), np.arange(10), np.zeros((2, 2))
+        ),
+    ]
+    ok, bad, far = profile.verdicts(stats)
+    assert ok.score is not None and 0 <= ok.percentile <= 100 and 0 < ok.p_value <= 1
+    assert bad.score is None and bad.is_anomaly
+    assert far.is_anomaly and far.percentile == 100.0 and far.p_value == pytest.approx(1 / 201)
+
+
+def test_profile_round_trip_and_refusals(tmp_path: Path) -> None:
+    store = ProfileStore(tmp_path, "model@abc", OPTIONS)
+    profile = fit_profile("faces", normal_features(100), model_id="model@abc", options=OPTIONS)
+    path = store.save(profile)
+    assert json.loads(path.read_text())["model_id"] == "model@abc"  # plain JSON, no pickle
+    again = store.get("faces")
+    probe = normal_features(5, seed=3)
+    np.testing.assert_allclose(again.score(probe), profile.score(probe))
+    assert store.names() == ["faces"]
+    with pytest.raises(ProfileNotFound):
+        store.get("other")
+    with pytest.raises(ProfileMismatch, match="made for model"):
+        ProfileStore(tmp_path, "model@other", OPTIONS).get("faces")
+    with pytest.raises(ProfileMismatch, match="method options"):
+        ProfileStore(tmp_path, "model@abc", MethodOptions(steps=20)).get("faces")
+    path.write_text(path.read_text()[:100])
+    with pytest.raises(ProfileMismatch, match="corrupt"):
+        store.get("faces")
+    data = profile.to_dict()
+    data["format_version"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileMismatch, match="format"):
+        Profile.load(path)
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", ".hidden", "x" * 80, "naïve", "a b", "a..b"])
+def test_profile_names_are_validated(name: str) -> None:
+    with pytest.raises(InvalidInput):
+        validate_profile_name(name)
+
+
+def test_too_few_reference_images_are_refused() -> None:
+    with pytest.raises(InvalidInput):
+        fit_profile("p", normal_features(5), model_id="m", options=OPTIONS)

@@ -1,0 +1,101 @@
+"""Model loading (tiny random UNets in hub layouts) and the engine on the shipped CelebA model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.engine.calibration import fit_profile
+from app.engine.model_loading import ModelLoadError, load_model
+from app.engine.preprocessing import PreparedImage
+from app.engine.scorer import Scorer
+from app.engine.types import MethodOptions
+from tests.helpers import SHIPPED_MODEL, data_images, make_tiny_model
+
+BATCH_TOLERANCE = dict(rtol=1e-4, atol=1e-3)  # documented in docs/METHOD_NOTES.md
+
+
+@pytest.mark.parametrize(("safe", "flat"), [(True, False), (False, False), (True, True)])
+def test_loader_accepts_hub_layouts(tmp_path: Path, safe: bool, flat: bool) -> None:
+    """unet/ + scheduler/ with safetensors or .bin (google/ddpm-celebahq-256 style), and a flat folder."""
+    make_tiny_model(tmp_path, safe=safe, flat=flat)
+    model = load_model(tmp_path, device="cpu")
+    assert model.info.sample_size == 16
+    assert model.info.num_train_timesteps == 100
+    assert model.info.beta_schedule == "linear"
+    assert model.info.model_id.startswith(tmp_path.name + "@")
+    assert model.alphas_cumprod.shape == (100,)
+    assert not any(p.requires_grad for p in model.unet.parameters())
+
+
+def test_loader_refuses_broken_folders(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "missing")
+    make_tiny_model(tmp_path)
+    (tmp_path / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(ModelLoadError, match="scheduler"):
+        load_model(tmp_path)
+
+
+def test_loader_refuses_v_prediction(tmp_path: Path) -> None:
+    make_tiny_model(tmp_path)
+    cfg_path = tmp_path / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["prediction_type"] = "v_prediction"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="epsilon"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["diffpath-v2", "diffpath-6d", "diffpath-1d", "reconstruction"])
+def test_every_method_runs_on_a_tiny_model(tmp_path: Path, method: str) -> None:
+    make_tiny_model(tmp_path)
+    scorer = Scorer(tmp_path, device="cpu", options=MethodOptions(method=method, steps=4))  # type: ignore[arg-type]
+    scorer.load(warmup_batch=1)
+    images = [PreparedImage(torch.rand(3, 16, 16) * 2 - 1, (16, 16), bytes([i])) for i in range(3)]
+    stats = scorer.run(images)
+    width = {"diffpath-1d": 1, "reconstruction": 3}.get(method, 6)
+    assert [s.features.shape for s in stats] == [(width,)] * 3
+    assert all(s.finite and s.heatmap.shape == (16, 16) for s in stats)
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Scorer:
+    scorer = Scorer(SHIPPED_MODEL, device="cpu")
+    scorer.load(warmup_batch=0)
+    return scorer
+
+
+@pytest.mark.slow
+def test_score_does_not_depend_on_the_batch(shipped: Scorer) -> None:
+    files = data_images("celeba", 12) + data_images("mnist", 4)
+    if len(files) < 16:
+        pytest.skip("../shared/data not present")
+    images = [shipped.decode(f.read_bytes()) for f in files]
+    together = np.stack([s.features for s in shipped.run(images)])
+    for i in (0, 7, 15):
+        alone = shipped.run([images[i]])[0].features
+        np.testing.assert_allclose(alone, together[i], **BATCH_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_celeba_scores_lower_than_mnist_on_the_shipped_model(shipped: Scorer) -> None:
+    fit_files = data_images("celeba", 48)
+    test_celeba = data_images("celeba", 8, start=1000)
+    test_mnist = data_images("mnist", 8)
+    if len(fit_files) < 48 or len(test_mnist) < 8:
+        pytest.skip("../shared/data not present")
+
+    def features(files: list[Path]) -> np.ndarray:
+        return np.stack([s.features for s in shipped.run([shipped.decode(f.read_bytes()) for f in files])])
+
+    profile = fit_profile(
+        "t", features(fit_files), model_id=shipped.info.model_id, options=shipped.options, fprs=(0.05,)
+    )
+    celeba, mnist = profile.score(features(test_celeba)), profile.score(features(test_mnist))
+    assert np.median(mnist) > np.max(np.median(celeba))
+    assert (mnist[:, None] > celeba[None, :]).mean() >= 0.9  # AUROC on 8 vs 8
