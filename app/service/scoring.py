@@ -152,10 +152,17 @@ class ScoringService:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.state = "stopped"
 
-    def _check_ready(self) -> ProfileStore:
-        if self.state != "ready" or self._profiles is None:
+    def admit(self) -> None:
+        """Called as a request arrives: refuse new work unless ready (loading, failed or draining)."""
+        if self.state != "ready":
             reason = {"loading": "the model is still loading", "failed": "the model failed to load"}
             raise ModelNotReady(reason.get(self.state, "the service is shutting down"))
+
+    def _check_ready(self) -> ProfileStore:
+        """Work admitted before a drain began still runs; the batcher closes only after it is answered."""
+        if self.state not in ("ready", "draining") or self._profiles is None:
+            self.admit()
+            raise ModelNotReady("the service is not ready")
         return self._profiles
 
     # --- scoring --------------------------------------------------------------------------------------

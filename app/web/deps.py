@@ -10,22 +10,26 @@ from fastapi import Depends, Request
 from app.errors import Unauthorized
 from app.service.scoring import ScoringService
 from app.settings import Settings
-from app.web.errors import request_id_of
+from app.web.errors import request_id_for
 
 
-def get_service(request: Request) -> ScoringService:
+async def get_service(request: Request) -> ScoringService:
     service: ScoringService = request.app.state.service
     return service
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
+async def get_request_id(request: Request) -> str:
+    return request_id_for(request)
+
+
 ServiceDep = Annotated[ScoringService, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-RequestId = Annotated[str, Depends(request_id_of)]
+RequestId = Annotated[str, Depends(get_request_id)]
 
 
 def bearer_token(request: Request) -> str | None:
@@ -50,13 +54,18 @@ def _check_key(request: Request, settings: Settings) -> None:
         raise Unauthorized("invalid API key")
 
 
-def require_client(request: Request, settings: SettingsDep) -> None:
+async def require_client(request: Request, settings: SettingsDep) -> None:
     """Scoring and metadata: open when no API keys are configured, otherwise a valid key."""
     if settings.api_keys:
         _check_key(request, settings)
 
 
-def require_admin(request: Request, settings: SettingsDep) -> None:
+async def admit(service: ServiceDep) -> None:
+    """New work is taken only while ready: 503 not_ready while loading or draining after SIGTERM."""
+    service.admit()
+
+
+async def require_admin(request: Request, settings: SettingsDep) -> None:
     """Profile creation: always a valid key; without configured keys only if explicitly opened."""
     if settings.api_keys:
         _check_key(request, settings)
@@ -69,3 +78,4 @@ def require_admin(request: Request, settings: SettingsDep) -> None:
 
 ClientAccess = Depends(require_client)
 AdminAccess = Depends(require_admin)
+Admission = Depends(admit)

@@ -89,7 +89,7 @@ def classify(exc: BaseException) -> tuple[int, str, str]:
     return 500, "internal", "engine_error"
 
 
-def request_id_of(request: Request) -> str:
+def request_id_for(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
 
@@ -102,7 +102,7 @@ def error_response(
 
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     def refuse(request: Request, status: int, code: str, reason: str, message: str) -> str:
-        request_id = request_id_of(request)
+        request_id = request_id_for(request)
         metrics.refuse(reason)
         level = logging.WARNING if status >= 500 else logging.INFO
         log.log(level, "refused %s %s -> %d %s: %s [request_id=%s]", request.method, request.url.path,

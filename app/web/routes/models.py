@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.engine.calibration import DEFAULT_FPRS
 from app.errors import InvalidInput
-from app.web.deps import AdminAccess, ClientAccess, ServiceDep, SettingsDep
+from app.web.deps import AdminAccess, Admission, ClientAccess, ServiceDep, SettingsDep
 from app.web.errors import ERROR_RESPONSES
 from app.web.openapi import request_body
 from app.web.schemas import ModelCard, ModelList, ProfileRequest, ProfileSummary
@@ -45,7 +45,7 @@ async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
     "/v1/profiles",
     status_code=201,
     response_model=ProfileSummary,
-    dependencies=[AdminAccess],
+    dependencies=[AdminAccess, Admission],
     responses=ERROR_RESPONSES,
     openapi_extra=request_body(ProfileRequest, PROFILE_FORM_FIELDS, ["name"], raw_image=False),
     summary="Create a calibration profile from normal images (admin)",

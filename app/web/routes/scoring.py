@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from app.service.scoring import ImageResult, ScoreOutcome
-from app.web.deps import ClientAccess, RequestId, ServiceDep, SettingsDep
+from app.web.deps import Admission, ClientAccess, RequestId, ServiceDep, SettingsDep
 from app.web.errors import ERROR_RESPONSES
 from app.web.openapi import request_body
 from app.web.schemas import (
@@ -36,7 +36,7 @@ SCORE_FORM_FIELDS = {
 @router.post(
     "/v1/score",
     response_model=ScoreResponse,
-    dependencies=[ClientAccess],
+    dependencies=[ClientAccess, Admission],
     responses=ERROR_RESPONSES,
     openapi_extra=request_body(ScoreRequest, SCORE_FORM_FIELDS, [], raw_image=True),
     summary="Score images for anomaly",

@@ -1,0 +1,252 @@
+"""Against real uvicorn processes with the shipped model: concurrency and batching, metrics, auth, cancelled
+clients, overload, deadlines, the streaming byte cap and SIGTERM draining.
+
+Two servers for the module: ``main`` (default batching, API keys) and ``small`` (batch 2, queue 4, 64 KiB
+bodies, a shutdown delay; the last test stops it with SIGTERM). They share one profiles folder, and the
+"faces" profile is created through the API from 12 CelebA images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.client import AnomalyClient, AsyncAnomalyClient, ServiceError
+from tests.conftest import LiveServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.live]
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "celeba"
+KEY = "live-test-key"
+PROFILE = "faces"
+POLL_LIMIT_S = 60.0  # bound on waiting for a state the server reaches by itself
+
+
+def faces(start: int, count: int) -> list[bytes]:
+    paths = sorted(DATA.glob("*.png"))[start : start + count]
+    if len(paths) < count:
+        pytest.skip(f"needs {count} CelebA images in {DATA}")
+    return [p.read_bytes() for p in paths]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.compile(rf"^{re.escape(name)}(\{{{re.escape(want)}\}})? (\S+)$", re.M)
+    for match in pattern.finditer(text):
+        if bool(match.group(1)) == bool(labels):
+            return float(match.group(2))
+    return 0.0
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    end = time.monotonic() + POLL_LIMIT_S
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def profiles_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("profiles")
+
+
+@pytest.fixture(scope="module")
+def main(live_server_module: Callable[..., LiveServer], profiles_dir: Path) -> LiveServer:
+    faces(0, 1)  # skip before starting anything when the data is missing
+    server = live_server_module({"DDM_API_KEYS": KEY, "DDM_PROFILES_DIR": str(profiles_dir)})
+    with AnomalyClient(server.url, api_key=KEY) as client:
+        summary = client.create_profile(PROFILE, faces(100, 12), source="CelebA 100-111")
+    assert summary.n_reference == 12 and summary.model_id.startswith("celeba32-ref@")
+    return server
+
+
+@pytest.fixture(scope="module")
+def small(main: LiveServer, live_server_module: Callable[..., LiveServer], profiles_dir: Path) -> LiveServer:
+    return live_server_module(
+        {
+            "DDM_PROFILES_DIR": str(profiles_dir),
+            "DDM_MAX_BATCH_SIZE": "2",
+            "DDM_MAX_QUEUE_IMAGES": "4",
+            "DDM_MAX_IMAGES_PER_REQUEST": "4",
+            "DDM_MAX_UPLOAD_BYTES": str(64 * 1024),
+            "DDM_SHUTDOWN_DELAY_S": "1.5",
+        }
+    )
+
+
+# --- the main server ------------------------------------------------------------------------------------
+def test_profile_and_model_metadata(main: LiveServer) -> None:
+    with AnomalyClient(main.url, api_key=KEY) as client:
+        card = client.models().models[0]
+        assert card.sample_size == 32 and card.parameters > 1_000_000 and card.options["steps"] == 10
+        assert [p.name for p in card.profiles] == [PROFILE]
+        assert client.model(card.id).id == card.id
+        result = client.score(faces(0, 1), profile=PROFILE, explain=True, features=True).results[0]
+        assert result.score is not None and 0.0 < result.p_value <= 1.0 and result.heatmap_png
+        assert result.features is not None and len(result.features.timesteps) == 10
+    with AnomalyClient(main.url) as anonymous, pytest.raises(ServiceError) as refused:
+        anonymous.score(faces(0, 1), profile=PROFILE)
+    assert refused.value.status == 401 and refused.value.code == "unauthorized"
+
+
+async def test_32_concurrent_clients_batched_correct_and_health_responsive(main: LiveServer) -> None:
+    images = faces(0, 32)
+    async with AsyncAnomalyClient(main.url, api_key=KEY) as client:
+        before = await client.metrics()
+        alone = [(await client.score([images[i]], profile=PROFILE)).results[0].score for i in (0, 17)]
+
+        async def one(i: int) -> float | None:
+            async with AsyncAnomalyClient(main.url, api_key=KEY) as own:  # 32 separate connections
+                return (await own.score([images[i]], ids=[f"img{i}"], profile=PROFILE)).results[0].score
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(32)]
+        while not await _batch_running(client):
+            await asyncio.sleep(0.01)
+        live = await client.live()  # answered while a batch is being computed
+        assert live.live and not all(t.done() for t in tasks)
+        scores = await asyncio.gather(*tasks)
+        after = await client.metrics()
+    assert all(s is not None for s in scores)
+    # a score does not depend on the other images in its batch (float32 tolerance)
+    assert [scores[0], scores[17]] == pytest.approx(alone, rel=1e-4, abs=1e-3)
+    sent = 2 + 32
+    ok = 'code="200",endpoint="/v1/score"'
+    assert _delta(before, after, f"anomaly_requests_total{{{ok}}}") == sent
+    batches = _delta(before, after, "anomaly_batch_size_count")
+    assert _delta(before, after, "anomaly_batch_size_sum") == sent
+    assert batches < 32  # 32 requests shared batches ...
+    assert _delta(before, after, 'anomaly_batch_size_bucket{le="1.0"}') < batches  # ... of more than one
+    assert metric(after, "anomaly_queue_images") == 0
+
+
+async def _batch_running(client: AsyncAnomalyClient) -> bool:
+    return metric(await client.metrics(), "anomaly_inflight_batches") >= 1
+
+
+def _delta(before: str, after: str, series: str) -> float:
+    name, _, labels = series.partition("{")
+    pairs = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    return metric(after, name, **pairs) - metric(before, name, **pairs)
+
+
+async def test_disconnected_client_is_dropped_before_compute(main: LiveServer) -> None:
+    async with AsyncAnomalyClient(main.url, api_key=KEY) as client:
+        before = await client.metrics()
+        blocker = asyncio.ensure_future(client.score(faces(0, 32), profile=PROFILE))  # one full batch
+        while not await _batch_running(client):
+            await asyncio.sleep(0.01)
+        async with AsyncAnomalyClient(main.url, api_key=KEY, timeout=0.3) as impatient:
+            with pytest.raises(httpx.TimeoutException):
+                await impatient.score(faces(40, 3), profile=PROFILE)  # queued behind the batch; gives up
+        assert len((await blocker).results) == 32
+        end = time.monotonic() + POLL_LIMIT_S
+        while _delta(before, await client.metrics(), 'anomaly_images_total{outcome="cancelled"}') < 3:
+            assert time.monotonic() < end, "cancelled images not counted"
+            await asyncio.sleep(0.05)
+        after = await client.metrics()
+    assert _delta(before, after, 'anomaly_images_total{outcome="scored"}') == 32  # never the 3
+    assert _delta(before, after, 'anomaly_refusals_total{reason="cancelled"}') == 1
+
+
+# --- the small server ------------------------------------------------------------------------------------
+async def test_overload_is_503_with_retry_after_never_a_hang(small: LiveServer) -> None:
+    images = faces(0, 24)
+
+    async def one(i: int) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=small.url, timeout=120) as http:
+            files = [("files", (f"{i}.png", images[i], "image/png"))]
+            return await http.post("/v1/score", params={"profile": PROFILE}, files=files)
+
+    responses = await asyncio.gather(*(one(i) for i in range(24)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 1
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
+    text = httpx.get(f"{small.url}/metrics").text
+    assert metric(text, "anomaly_refusals_total", reason="queue_full") == codes.count(503)
+    with AnomalyClient(small.url) as client:  # and it serves normally afterwards
+        assert client.score(images[:1], profile=PROFILE).results[0].score is not None
+
+
+async def test_deadline_is_504_and_the_expired_request_costs_no_compute(small: LiveServer) -> None:
+    async with AsyncAnomalyClient(small.url) as client:
+        before = await client.metrics()
+        blocker = asyncio.ensure_future(client.score(faces(0, 4), profile=PROFILE))  # two batches of two
+        while not await _batch_running(client):
+            await asyncio.sleep(0.01)
+        with pytest.raises(ServiceError) as late:
+            await client.score(faces(50, 1), profile=PROFILE, timeout_s=0.05)
+        assert late.value.status == 504 and late.value.code == "timeout"
+        assert len((await blocker).results) == 4
+        after = await client.metrics()
+    assert _delta(before, after, 'anomaly_images_total{outcome="scored"}') == 4
+    assert _delta(before, after, 'anomaly_refusals_total{reason="timeout"}') == 1
+
+
+def test_chunked_body_over_the_cap_is_cut_off_while_streaming(small: LiveServer) -> None:
+    host, port = small.url.removeprefix("http://").split(":")
+    head = (
+        f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    chunk = b"%x\r\n%s\r\n" % (16 * 1024, b"z" * 16 * 1024)
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head)
+        answer = b""
+        try:
+            for _ in range(640):  # up to 10 MiB against a 64 KiB cap
+                sock.sendall(chunk)
+                sent += 16 * 1024
+                sock.settimeout(0.02)
+                try:
+                    answer = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if answer:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.settimeout(30)
+        while b"\r\n\r\n" not in answer:
+            more = sock.recv(65536)
+            if not more:
+                break
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"too_large"' in answer or b"413" in answer
+    assert sent < 1024 * 1024  # refused after about the cap, not after reading 10 MiB
+
+
+async def test_sigterm_drains_accepted_requests_then_exits_0(small: LiveServer) -> None:
+    images = faces(60, 4)
+    async with httpx.AsyncClient(base_url=small.url, timeout=120) as http:
+
+        async def one(i: int) -> httpx.Response:
+            files = [("files", (f"{i}.png", images[i], "image/png"))]
+            return await http.post("/v1/score", params={"profile": PROFILE}, files=files)
+
+        accepted = [asyncio.ensure_future(one(i)) for i in range(4)]
+        while metric((await http.get("/metrics")).text, "anomaly_inflight_requests") < 5:  # 4 + this scrape
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # margin: from the socket to admission is a few awaits, not a wait
+        small.send(signal.SIGTERM)
+        ready = await http.get("/readyz")  # during the shutdown delay: still listening, not ready
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        late = await http.post("/v1/score", params={"profile": PROFILE}, content=images[0],
+                               headers={"content-type": "image/png"})  # fmt: skip
+        assert late.status_code == 503 and late.json()["error"]["code"] == "not_ready"
+        responses = await asyncio.gather(*accepted)
+    assert [r.status_code for r in responses] == [200] * 4
+    assert all(r.json()["results"][0]["score"] is not None for r in responses)
+    assert await asyncio.to_thread(small.stop) == 0
