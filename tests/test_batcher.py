@@ -150,6 +150,7 @@ def test_queue_full_refuses_at_once_with_retry_after(engine, batcher) -> None:
         batcher.submit(list(range(5)))  # 12 + 5 > 16
     assert refused.value.retry_after_s >= 1
     assert batcher.queued == 12  # the refused request left nothing behind
+    assert sample(batcher.metrics, "anomaly_images_total", outcome="refused") == 5
     fits = batcher.submit(list(range(4)))  # exactly full is fine
     engine.gate.set()
     assert len(accepted.result(WAIT).outputs) == 12 and len(fits.result(WAIT).outputs) == 4

@@ -149,6 +149,7 @@ class DynamicBatcher(Generic[T, R]):
             if self._closed:
                 raise ModelNotReady("the service is shutting down")
             if len(self._queue) + n > self.max_queue_items:
+                self.metrics.images.labels(outcome="refused").inc(n)
                 raise Overloaded(
                     f"queue full ({len(self._queue)} of {self.max_queue_items} images waiting)",
                     retry_after_s=self._retry_after(n),
