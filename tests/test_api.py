@@ -474,3 +474,36 @@ def test_openapi_examples_work(profiled: TestClient) -> None:
     assert schema["paths"]["/v1/score"]["post"]["responses"]["503"]
     json.dumps(schema)  # serialisable as it is
     assert profiled.get("/docs").status_code == 200
+
+
+def test_profile_creation_waits_for_room_in_a_full_queue(
+    tmp_path: Path, fake: FakeScorer, default_profile: Path
+) -> None:
+    (tmp_path / "profiles").mkdir()
+    shutil.copy(default_profile, tmp_path / "profiles" / "default.json")
+    with running(tmp_path, fake, max_batch_size=1, max_queue_images=2) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        fake.hold()
+        results: list[httpx.Response] = []
+        threads = [_post_in_thread(client, png(1), results)]
+        assert fake.entered.wait(WAIT)
+        threads += [_post_in_thread(client, png(i), results) for i in (2, 3)]
+        while service.batcher.queued < 2:
+            pass
+        before = metric(client, "anomaly_refusals_total", reason="queue_full")
+        created: list[httpx.Response] = []
+        maker = threading.Thread(target=lambda: created.append(make_profile_response(client, "waited")))
+        maker.start()
+        while metric(client, "anomaly_images_total", outcome="refused") < 1:  # its first chunk found no room
+            pass
+        fake.gate.set()
+        for t in [*threads, maker]:
+            t.join(WAIT)
+        assert created[0].status_code == 201, created[0].text
+        assert [r.status_code for r in results] == [200] * 3
+        assert metric(client, "anomaly_refusals_total", reason="queue_full") == before  # nobody was refused
+
+
+def make_profile_response(client: TestClient, name: str) -> httpx.Response:
+    files = [("files", (f"ref{i}.png", png(100 + i), "image/png")) for i in range(12)]
+    return client.post("/v1/profiles", data={"name": name}, files=files)

@@ -25,7 +25,14 @@ from app.engine.preprocessing import DecodeLimits, PreparedImage
 from app.engine.profile_store import ProfileStore, validate_profile_name
 from app.engine.scorer import Scorer
 from app.engine.types import ImageStats, MethodOptions, ModelInfo, Verdict
-from app.errors import InvalidInput, ModelNotFound, ModelNotReady, PayloadTooLarge, ProfileMismatch
+from app.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ProfileMismatch,
+)
 from app.service.batcher import DynamicBatcher
 from app.service.metrics import Metrics
 from app.settings import Settings
@@ -256,7 +263,12 @@ class ScoringService:
         features: list[np.ndarray] = []
         for start in range(0, len(images), chunk):  # a chunk at a time: shares the queue with scoring
             prepared = await self._decode_all(images[start : start + chunk])
-            done = await self.batcher.run(prepared)
+            while True:  # an admin job waits for room instead of failing half-way through
+                try:
+                    done = await self.batcher.run(prepared)
+                    break
+                except Overloaded as exc:
+                    await asyncio.sleep(min(exc.retry_after_s, 5.0))
             features.extend(s.features for s in done.outputs)
         info = self.engine.info
         profile = await asyncio.to_thread(
