@@ -206,6 +206,19 @@ class DynamicBatcher(Generic[T, R]):
                 self.metrics.queued_images.set(len(self._queue))
                 self.metrics.images.labels(outcome=_outcome(future)).inc(dropped)
 
+    def _take(self, limit: int) -> list[_Entry[T, R]]:
+        """Up to ``limit`` live entries off the queue (a request cancelled a moment ago may still be
+        there until its callback gets the lock; its entries are skipped, never computed)."""
+        batch: list[_Entry[T, R]] = []
+        while self._queue and len(batch) < limit:
+            entry = self._queue.popleft()
+            if entry.request.future.done():
+                self.metrics.images.labels(outcome=_outcome(entry.request.future)).inc()
+            else:
+                batch.append(entry)
+        self.metrics.queued_images.set(len(self._queue))
+        return batch
+
     def _take_all(self) -> list[_Entry[T, R]]:
         entries = list(self._queue)
         self._queue.clear()
@@ -239,9 +252,10 @@ class DynamicBatcher(Generic[T, R]):
                         limit = min(self.max_batch_size, self._safe_size)
                         wait = self._queue[0].enqueued + self.max_batch_delay_s - time.monotonic()
                         if len(self._queue) >= limit or wait <= 0 or self._closed:
-                            batch = [self._queue.popleft() for _ in range(min(limit, len(self._queue)))]
-                            self.metrics.queued_images.set(len(self._queue))
-                            return batch
+                            batch = self._take(limit)
+                            if batch:
+                                return batch
+                            continue
                         self._cond.wait(timeout=wait)
                     expired = self._expired(time.monotonic())
             for request in expired:  # outside the lock: their done callbacks take it

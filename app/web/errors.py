@@ -128,7 +128,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
         parts = []
         for err in errors[:5]:
-            where = ".".join(str(p) for p in err.get("loc", ()))
+            where = ".".join(str(p) for p in err.get("loc", ())) or "body"
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
         message = "; ".join(parts) or "request validation failed"
         request_id = refuse(request, 422, "validation", "validation", message)
