@@ -69,9 +69,11 @@ ERROR_RESPONSES: dict[int | str, dict] = {
         (401, "missing or wrong API key"),
         (403, "action disabled for this deployment"),
         (404, "unknown profile or model"),
+        (409, "the profile was made for another model or method options"),
         (413, "body, image count or pixels over the caps"),
         (415, "unsupported content type or image format"),
         (422, "request validation failed"),
+        (500, "the model failed on this request's batch"),
         (503, "overloaded (Retry-After) or not ready"),
         (504, "deadline passed"),
     )
