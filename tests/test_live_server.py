@@ -46,12 +46,12 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
+async def until_batch_running(client: AsyncAnomalyClient) -> None:
+    """Wait (bounded) until the server is computing a batch."""
     end = time.monotonic() + POLL_LIMIT_S
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+    while metric(await client.metrics(), "anomaly_inflight_batches") < 1:
+        assert time.monotonic() < end, "no batch started"
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,7 @@ async def test_32_concurrent_clients_batched_correct_and_health_responsive(main:
                 return (await own.score([images[i]], ids=[f"img{i}"], profile=PROFILE)).results[0].score
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(32)]
-        while not await _batch_running(client):
-            await asyncio.sleep(0.01)
+        await until_batch_running(client)
         live = await client.live()  # answered while a batch is being computed
         assert live.live and not all(t.done() for t in tasks)
         scores = await asyncio.gather(*tasks)
@@ -128,10 +127,6 @@ async def test_32_concurrent_clients_batched_correct_and_health_responsive(main:
     assert metric(after, "anomaly_queue_images") == 0
 
 
-async def _batch_running(client: AsyncAnomalyClient) -> bool:
-    return metric(await client.metrics(), "anomaly_inflight_batches") >= 1
-
-
 def _delta(before: str, after: str, series: str) -> float:
     name, _, labels = series.partition("{")
     pairs = dict(re.findall(r'(\w+)="([^"]*)"', labels))
@@ -142,8 +137,7 @@ async def test_disconnected_client_is_dropped_before_compute(main: LiveServer) -
     async with AsyncAnomalyClient(main.url, api_key=KEY) as client:
         before = await client.metrics()
         blocker = asyncio.ensure_future(client.score(faces(0, 32), profile=PROFILE))  # one full batch
-        while not await _batch_running(client):
-            await asyncio.sleep(0.01)
+        await until_batch_running(client)
         async with AsyncAnomalyClient(main.url, api_key=KEY, timeout=0.3) as impatient:
             with pytest.raises(httpx.TimeoutException):
                 await impatient.score(faces(40, 3), profile=PROFILE)  # queued behind the batch; gives up
@@ -182,8 +176,7 @@ async def test_deadline_is_504_and_the_expired_request_costs_no_compute(small: L
     async with AsyncAnomalyClient(small.url) as client:
         before = await client.metrics()
         blocker = asyncio.ensure_future(client.score(faces(0, 4), profile=PROFILE))  # two batches of two
-        while not await _batch_running(client):
-            await asyncio.sleep(0.01)
+        await until_batch_running(client)
         with pytest.raises(ServiceError) as late:
             await client.score(faces(50, 1), profile=PROFILE, timeout_s=0.05)
         assert late.value.status == 504 and late.value.code == "timeout"
@@ -237,7 +230,9 @@ async def test_sigterm_drains_accepted_requests_then_exits_0(small: LiveServer) 
             return await http.post("/v1/score", params={"profile": PROFILE}, files=files)
 
         accepted = [asyncio.ensure_future(one(i)) for i in range(4)]
+        end = time.monotonic() + POLL_LIMIT_S
         while metric((await http.get("/metrics")).text, "anomaly_inflight_requests") < 5:  # 4 + this scrape
+            assert time.monotonic() < end, "requests never arrived"
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)  # margin: from the socket to admission is a few awaits, not a wait
         small.send(signal.SIGTERM)
