@@ -1,0 +1,139 @@
+"""Ablation of METHOD.md's options on ../shared/data: which defaults detect best.
+
+Feature-changing options that share a trajectory (SSIM weighting form, lambda, SSIM target, sigma scaling)
+are computed from ONE walk per batch with one accumulator per variant; K and the trajectory mode need
+their own walks; density options (mixture size, covariance) are refitted on cached features.
+
+    python benchmarks/accuracy_ablation.py --data ../shared/data --fit-limit 500 --limit 300 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.engine.calibration import fit_profile
+from app.engine.datasets import list_images
+from app.engine.evaluation import detection_metrics
+from app.engine.scorer import Scorer
+from app.engine.ssim import ssim_map
+from app.engine.statistics import PathAccumulator, amplified_error, stein_error
+from app.engine.trajectory import content_noise, trajectory_timesteps, walk
+from app.engine.types import MethodOptions
+
+OOD_SETS = ("cifar10", "mnist", "dtd", "imagenet")
+
+# name -> options (only feature-side fields differ within one walk group)
+WALK_VARIANTS: dict[str, MethodOptions] = {
+    "v2 amplify l=1 (default)": MethodOptions(),
+    "v2 amplify l=0.5": MethodOptions(ssim_lambda=0.5),
+    "v2 amplify l=3": MethodOptions(ssim_lambda=3.0),
+    "v2 dissimilarity only": MethodOptions(ssim_weighting="dissimilarity"),
+    "v2 no SSIM (Stein error only)": MethodOptions(ssim_weighting="none"),
+    "v2 SSIM on noise": MethodOptions(ssim_target="noise"),
+    "v2 amplify + sigma scaling": MethodOptions(sigma_scaling=True),
+    "6d (DiffPath)": MethodOptions(method="diffpath-6d"),
+}
+
+
+def walk_features(scorer: Scorer, paths: list[Path], steps: int, trajectory: str, batch: int = 64) -> dict:
+    """{variant name: (N, 6) features} from one trajectory walk per batch."""
+    model = scorer.model
+    out: dict[str, list[np.ndarray]] = {name: [] for name in WALK_VARIANTS}
+    for start in range(0, len(paths), batch):
+        prepared = [scorer.decode(p.read_bytes()) for p in paths[start : start + batch]]
+        x0 = torch.stack([p.tensor for p in prepared]).to(model.device)
+        ts = trajectory_timesteps(len(model.alphas_cumprod), steps)
+        noise = content_noise([p.digest for p in prepared], tuple(x0.shape[1:]), x0.device)
+        accs = {name: PathAccumulator(steps) for name in WALK_VARIANTS}
+        with torch.inference_mode():
+            for step in walk(model, x0, ts, trajectory, noise if trajectory == "forward" else None):
+                image_ssim = ssim_map(x0, step.xhat0)  # shared by the image-SSIM variants
+                for name, opts in WALK_VARIANTS.items():
+                    if opts.method == "diffpath-6d":
+                        accs[name].add(step.eps_k, stein_error(step, opts))
+                        continue
+                    if opts.ssim_target == "image" and opts.ssim_weighting != "none":
+                        e = stein_error(step, opts)
+                        d = 1.0 - image_ssim
+                        a = e * (d if opts.ssim_weighting == "dissimilarity" else 1.0 + opts.ssim_lambda * d)
+                    else:
+                        a = amplified_error(step, x0, opts)
+                    accs[name].add(a, a)
+        for name, acc in accs.items():
+            out[name].append(acc.result(ts).features.double().numpy())
+    return {name: np.concatenate(v) for name, v in out.items()}
+
+
+def evaluate(features: dict[str, np.ndarray], options: MethodOptions) -> dict[str, float]:
+    profile = fit_profile("ablation", features["fit"], model_id="m", options=options, fprs=(0.05,))
+    id_scores = profile.score(features["id"])
+    return {ood: detection_metrics(id_scores, profile.score(features[ood]))[0] for ood in OOD_SETS}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=Path("model_store/celeba32-ref"))
+    ap.add_argument("--data", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--fit-limit", type=int, default=500)
+    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--steps", type=int, nargs="+", default=[10, 5, 20])
+    ap.add_argument("--forward", action="store_true", help="also the forward-noising trajectory at K=10")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args()
+
+    scorer = Scorer(args.model, device="cpu", torch_threads=args.threads)
+    scorer.load(warmup_batch=0)
+    celeba = list_images(args.data / "celeba", seed=0)
+    sets = {
+        "fit": celeba[: args.fit_limit],
+        "id": celeba[len(celeba) // 2 :][: args.limit],
+        **{ood: list_images(args.data / ood, args.limit, seed=0) for ood in OOD_SETS},
+    }
+    groups = [(k, "ddim") for k in args.steps] + ([(10, "forward")] if args.forward else [])
+    rows = []
+    for steps, trajectory in groups:
+        t0 = time.perf_counter()
+        per_set = {name: walk_features(scorer, paths, steps, trajectory) for name, paths in sets.items()}
+        for variant, base in WALK_VARIANTS.items():
+            feats = {name: per_set[name][variant] for name in sets}
+            opts = replace(base, steps=steps, trajectory=trajectory)  # type: ignore[arg-type]
+            density_grid = [("full, BIC<=8", opts)]
+            if steps == args.steps[0] and trajectory == "ddim" and variant.endswith("(default)"):
+                density_grid += [
+                    ("full, 1 comp", replace(opts, mixture_max_components=1)),
+                    ("diag, BIC<=8", replace(opts, covariance_type="diag")),
+                    ("full, BIC<=16", replace(opts, mixture_max_components=16)),
+                ]
+            for density, o in density_grid:
+                aurocs = evaluate(feats, o)
+                row = {
+                    "steps": steps,
+                    "trajectory": trajectory,
+                    "variant": variant,
+                    "density": density,
+                    **aurocs,
+                }
+                row["mean"] = float(np.mean([aurocs[s] for s in OOD_SETS]))
+                rows.append(row)
+                print(
+                    f"K={steps:<3} {trajectory:<8} {variant:<32} {density:<14} "
+                    + " ".join(f"{aurocs[s]:.3f}" for s in OOD_SETS)
+                    + f"  mean {row['mean']:.3f}",
+                    flush=True,
+                )
+        print(f"  (group K={steps} {trajectory}: {time.perf_counter() - t0:.0f} s)", flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"sets": {k: len(v) for k, v in sets.items()}, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
