@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from app.engine.model_loading import LoadedModel
-from app.engine.ssim import IMAGE_DATA_RANGE, ssim_map, ssim_per_image
+from app.engine.ssim import IMAGE_DATA_RANGE, SsimReference, ssim_map, ssim_per_image, ssim_reference
 from app.engine.trajectory import (
     TrajectoryStep,
     content_noise,
@@ -51,8 +51,11 @@ def stein_error(step: TrajectoryStep, options: MethodOptions) -> torch.Tensor:
     return error
 
 
-def ssim_weight(step: TrajectoryStep, x0: torch.Tensor, options: MethodOptions) -> torch.Tensor | None:
-    """Per-pixel weight from structural dissimilarity; None when SSIM weighting is off."""
+def ssim_weight(
+    step: TrajectoryStep, x0: torch.Tensor | SsimReference, options: MethodOptions
+) -> torch.Tensor | None:
+    """Per-pixel weight from structural dissimilarity; None when SSIM weighting is off. ``x0`` may be given
+    as an :class:`SsimReference` (its blurred moments computed once for all K steps)."""
     if options.ssim_weighting == "none":
         return None
     if options.ssim_target == "image":
@@ -65,7 +68,9 @@ def ssim_weight(step: TrajectoryStep, x0: torch.Tensor, options: MethodOptions) 
     return 1.0 + options.ssim_lambda * dissimilarity
 
 
-def amplified_error(step: TrajectoryStep, x0: torch.Tensor, options: MethodOptions) -> torch.Tensor:
+def amplified_error(
+    step: TrajectoryStep, x0: torch.Tensor | SsimReference, options: MethodOptions
+) -> torch.Tensor:
     """a_k = e_k * w_k (METHOD.md step 3)."""
     error = stein_error(step, options)
     weight = ssim_weight(step, x0, options)
@@ -119,10 +124,13 @@ def path_statistics(
     if options.trajectory == "forward":
         noise = content_noise(digests or [b""] * x0.shape[0], tuple(x0.shape[1:]), x0.device)
     amplified_acc = PathAccumulator(options.steps) if "diffpath-v2" in methods else None
+    # x0 is the same at every step: blur its SSIM moments once, not K times.
+    image_ssim = options.ssim_target == "image" and options.ssim_weighting != "none"
+    reference = ssim_reference(x0) if amplified_acc is not None and image_ssim else x0
     noise_acc = PathAccumulator(options.steps) if {"diffpath-6d", "diffpath-1d"} & set(methods) else None
     for step in walk(model, x0, timesteps, options.trajectory, noise):
         if amplified_acc is not None:
-            amplified = amplified_error(step, x0, options)
+            amplified = amplified_error(step, reference, options)
             amplified_acc.add(amplified, amplified)
         if noise_acc is not None:
             noise_acc.add(step.eps_k, stein_error(step, options))
