@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from app.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from app.web.errors import ClientGone
 from app.web.schemas import ImageIn
 
@@ -62,6 +63,19 @@ async def read_upload(request: Request, json_model: type[M], max_images: int) ->
         f"content type {kind or '(none)'!r} not accepted: send multipart/form-data with 'files' parts, "
         "application/json with base64 'images', or one image as image/png|jpeg|..."
     )
+
+
+async def read_upload_by(request: Request, json_model: type[M], max_images: int, deadline: float) -> Upload:
+    """``read_upload`` that ends with DeadlineExceeded at ``deadline`` (a ``time.monotonic()`` value): a
+    body that trickles in (slow upload) cannot hold a connection past the request's deadline."""
+    try:
+        return await asyncio.wait_for(
+            read_upload(request, json_model, max_images), max(0.0, deadline - time.monotonic())
+        )
+    except TimeoutError as exc:
+        if isinstance(exc, DeadlineExceeded):
+            raise
+        raise DeadlineExceeded("the request body did not arrive before the request deadline") from None
 
 
 async def _read_multipart(request: Request, max_images: int) -> Upload:

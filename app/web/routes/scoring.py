@@ -22,7 +22,7 @@ from app.web.schemas import (
     ScoreResponse,
     Timings,
 )
-from app.web.uploads import form_flag, read_upload, until_disconnected
+from app.web.uploads import form_flag, read_upload_by, until_disconnected
 
 router = APIRouter(tags=["scoring"])
 
@@ -58,15 +58,15 @@ async def score(
     Results keep request order. Past the deadline the answer is 504; a full queue answers 503 with
     Retry-After at once."""
     received = request.scope["state"].get("received_at", time.monotonic())
-    upload = await read_upload(request, ScoreRequest, settings.max_images_per_request)
+    deadline = received + min(settings.request_timeout_s, timeout_s or math.inf)
+    upload = await read_upload_by(request, ScoreRequest, settings.max_images_per_request, deadline)
     body = upload.body if isinstance(upload.body, ScoreRequest) else None
     chosen_profile = _first(body and body.profile, upload.fields.get("profile"), profile)
     want_explain = bool(_first(body and body.explain, form_flag(upload.fields, "explain"), explain))
     want_features = bool(_first(body and body.features, form_flag(upload.fields, "features"), features))
-    limit = min(settings.request_timeout_s, timeout_s or math.inf)
     outcome = await until_disconnected(
         request,
-        service.score(upload.images, profile=chosen_profile, explain=want_explain, deadline=received + limit),
+        service.score(upload.images, profile=chosen_profile, explain=want_explain, deadline=deadline),
     )
     return score_response(outcome, request_id, want_features)
 

@@ -1,0 +1,97 @@
+"""TEST HOOK: deterministic engine faults for the live reliability tests. Off unless configured.
+
+``DDM_FAULT_INJECTION`` (empty by default; never set it in production) is a ``;``-separated list of rules.
+Each rule picks images by their source size (width x height as uploaded, after EXIF orientation), so a
+test decides which batch misbehaves by what it uploads, through the real HTTP path and the real model:
+
+* ``fail=WxH`` - a batch holding a WxH image raises :class:`EngineFailure` (the whole batch fails).
+* ``oom=WxH:S`` - a batch of more than S images holding a WxH image raises :class:`DeviceOutOfMemory`
+  (what CUDA would do), so the batcher splits it.
+* ``features=WxH:X`` - WxH images are computed normally, then their features, step statistics and heat
+  map are replaced by the float ``X`` (``nan``, ``inf``, ``-inf``, ``1e300``, ...).
+
+:func:`inject_faults` wraps the engine's ``run`` between the batcher and the engine; the engine itself
+(the science) is untouched. The service logs a warning at start-up when rules are set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app.engine.preprocessing import PreparedImage
+from app.engine.types import ImageStats
+from app.errors import DeviceOutOfMemory, EngineFailure
+
+Run = Callable[[Sequence[PreparedImage]], list[ImageStats]]
+_RULE = re.compile(r"(fail|oom|features)=(\d+)x(\d+)(?::(\S+))?")
+
+
+@dataclass(frozen=True)
+class FaultRules:
+    fail: frozenset[tuple[int, int]] = frozenset()
+    oom: dict[tuple[int, int], int] = field(default_factory=dict)  # size -> largest batch that works
+    features: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str) -> FaultRules:
+        fail: set[tuple[int, int]] = set()
+        oom: dict[tuple[int, int], int] = {}
+        features: dict[tuple[int, int], float] = {}
+        for raw in spec.split(";"):
+            rule = raw.strip()
+            if not rule:
+                continue
+            match = _RULE.fullmatch(rule)
+            if match is None:
+                raise ValueError(
+                    f"fault injection rule {rule!r}: expected fail=WxH, oom=WxH:S or features=WxH:X"
+                )
+            kind, size, arg = match.group(1), (int(match.group(2)), int(match.group(3))), match.group(4)
+            if kind == "fail" and arg is None:
+                fail.add(size)
+            elif kind == "oom" and arg is not None and arg.isdigit():
+                oom[size] = int(arg)
+            elif kind == "features" and arg is not None:
+                features[size] = float(arg)
+            else:
+                raise ValueError(f"fault injection rule {rule!r}: bad argument")
+        return cls(frozenset(fail), oom, features)
+
+    def __bool__(self) -> bool:
+        return bool(self.fail or self.oom or self.features)
+
+
+def inject_faults(run: Run, rules: FaultRules) -> Run:
+    """``run`` with the rules applied (see the module docstring)."""
+
+    def faulty(batch: Sequence[PreparedImage]) -> list[ImageStats]:
+        sizes = [tuple(p.source_size) for p in batch]
+        if any(s in rules.fail for s in sizes):
+            raise EngineFailure(f"injected engine failure on a batch of {len(batch)}")
+        for size, largest in rules.oom.items():
+            if size in sizes and len(batch) > largest:
+                raise DeviceOutOfMemory(f"injected device out of memory on a batch of {len(batch)}")
+        out = run(batch)
+        return [_replaced(s, rules.features[size]) if size in rules.features else s
+                for s, size in zip(out, sizes, strict=True)]  # fmt: skip
+
+    return faulty
+
+
+def _replaced(stats: ImageStats, value: float) -> ImageStats:
+    def fill(a: np.ndarray) -> np.ndarray:
+        return np.full(a.shape, value, dtype=a.dtype)
+
+    return dataclasses.replace(
+        stats,
+        features=fill(stats.features),
+        step_sums=fill(stats.step_sums),
+        delta_sums=fill(stats.delta_sums),
+        heatmap=fill(stats.heatmap),
+        finite=bool(np.isfinite(value)),
+    )
