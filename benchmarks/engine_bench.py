@@ -1,0 +1,388 @@
+"""Engine throughput vs this machine's measured peak and vs the naive peer (issue 8). Not a test.
+
+    python benchmarks/engine_bench.py --json benchmarks/results/engine.json       # batches 1..64, K=10
+    python benchmarks/engine_bench.py --variants --batch-sizes 1 32                # + what each speed-up buys
+    python benchmarks/engine_bench.py --device cuda --dtype bfloat16 --batch-sizes 1 64 256 1024
+    python benchmarks/engine_bench.py --quick --model <tiny model folder>          # smoke run, seconds
+
+What one run measures, interleaved round by round so that load from other processes hits every contender
+alike (tables give the median over rounds):
+* the fp32 peak: a large square matmul, GFLOP/s;
+* the engine: ``Scorer.run`` (the service's path: trajectory, SSIM, sums, copy to host) at each batch size,
+  images/s and ms per image; the bare UNet (K forward passes, nothing else) beside it, so the table shows
+  what the trajectory maths costs on top;
+* FLOPs per image (``torch.utils.flop_counter``, one ``Scorer.run``) -> achieved GFLOP/s -> % of peak;
+* the naive peer (``naive_peer.py``: one image at a time, plain loop, NumPy sums) -> engine speed-up;
+* that the naive peer and the engine give the same features (else the ratio would mean nothing);
+* with ``--variants``: the engine as shipped beside single changes to it (channels_last, the other thread
+  count, bf16 autocast, ``torch.compile`` with ``--compile``) at ``--variant-batches``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import naive_peer  # a sibling script, not a package
+
+from app.engine.preprocessing import PreparedImage
+from app.engine.scorer import Scorer
+from app.engine.trajectory import predict_noise, trajectory_timesteps
+from app.engine.types import MethodOptions
+from app.errors import DeviceOutOfMemory
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "model_store" / "celeba32-ref"
+DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "celeba"
+FEATURE_RTOL = 1e-3  # engine vs naive peer: float32 batched sums vs float64 NumPy sums
+NAMES = ("sum a", "sum a^2", "sum a^3", "sum da", "sum da^2", "sum da^3")
+
+
+# --- measurements ---------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
+    """Best GFLOP/s of an n x n matmul (n = 2048 on CPU, 8192 on CUDA)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def images_per_second(fn: Callable[[], Any], batch: int, min_images: int, device: torch.device) -> float:
+    """Throughput of fn (one call = ``batch`` images), calling it until ``min_images`` are done."""
+    calls = max(1, math.ceil(min_images / batch))
+    return calls * batch / sum(timed(fn, device) for _ in range(calls))
+
+
+def batch_of(images: list[PreparedImage], size: int) -> list[PreparedImage]:
+    return [images[i % len(images)] for i in range(size)]
+
+
+def bare_unet(scorer: Scorer, batch: list[PreparedImage]) -> Callable[[], None]:
+    """K forward passes of the UNet on the batch: the floor under the engine's time."""
+    model = scorer.model
+    x = torch.stack([item.tensor for item in batch]).to(model.device)
+    steps = trajectory_timesteps(len(model.alphas_cumprod), scorer.options.steps)
+
+    def run() -> None:
+        with torch.inference_mode():
+            for t in steps:
+                predict_noise(model, x, t)
+
+    return run
+
+
+def count_flops(scorer: Scorer, image: PreparedImage) -> dict[str, float]:
+    model = scorer.model
+    x = image.tensor[None].to(model.device)
+    with FlopCounterMode(display=False) as per_eval, torch.inference_mode():
+        predict_noise(model, x, 0)
+    with FlopCounterMode(display=False) as per_image:
+        scorer.run([image])
+    return {"unet_per_eval": per_eval.get_total_flops(), "per_image": per_image.get_total_flops()}
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+# --- inputs ---------------------------------------------------------------------------------------------
+def load_images(scorer: Scorer, folder: Path, count: int) -> tuple[list[PreparedImage], float]:
+    """Decoded, resized images (random ones when the folder has none) and decode+prepare ms per image."""
+    paths = sorted(folder.glob("*.png"))[:count] if folder.is_dir() else []
+    if not paths:
+        size, channels = scorer.info.sample_size, scorer.info.in_channels
+        gen = torch.Generator().manual_seed(0)
+        fake = [torch.rand(channels, size, size, generator=gen) * 2 - 1 for _ in range(count)]
+        return [PreparedImage(t, (size, size), bytes([i % 256])) for i, t in enumerate(fake)], math.nan
+    blobs = [p.read_bytes() for p in paths]
+    start = time.perf_counter()
+    images = [scorer.decode(b) for b in blobs]
+    return images, (time.perf_counter() - start) / len(images) * 1e3
+
+
+# --- variants -------------------------------------------------------------------------------------------
+def variant_scorers(base: Scorer, args: argparse.Namespace) -> dict[str, tuple[Scorer, int | None]]:
+    """The shipped engine and single changes to it: name -> (scorer, torch threads)."""
+    out: dict[str, tuple[Scorer, int | None]] = {"engine as shipped": (base, args.threads)}
+
+    def clone() -> Scorer:
+        twin = copy.copy(base)
+        twin._model = copy.copy(base.model)  # same weights unless the variant replaces the module
+        return twin
+
+    channels_last = clone()
+    channels_last.model.unet = copy.deepcopy(base.model.unet).to(memory_format=torch.channels_last)
+    out["channels_last weights"] = (channels_last, args.threads)
+    other = 1 if torch.get_num_threads() > 1 else 2
+    if args.threads != other:
+        out[f"torch threads = {other}"] = (base, other)
+    precisions = {"bf16 autocast": torch.bfloat16}
+    if base.model.device.type == "cuda":
+        precisions = {
+            "float32 (no autocast)": None,
+            "bf16 autocast": torch.bfloat16,
+            "fp16 autocast": torch.float16,
+        }
+    for name, dtype in precisions.items():
+        if dtype != base.model.autocast_dtype:
+            reduced = clone()
+            reduced.model.autocast_dtype = dtype
+            out[name] = (reduced, args.threads)
+    if args.compile:
+        compiled = clone()
+        compiled.model.unet = torch.compile(copy.deepcopy(base.model.unet), mode=args.compile_mode)
+        out[f"torch.compile ({args.compile_mode})"] = (compiled, args.threads)
+    return out
+
+
+def compare_features(fast: np.ndarray, slow: np.ndarray) -> dict[str, Any]:
+    scale = np.maximum(np.abs(slow), 1e-3 * np.abs(slow).max(axis=0, keepdims=True))
+    rel = np.abs(fast - slow) / scale
+    return {
+        "max_rel_diff": {n: float(v) for n, v in zip(NAMES, rel.max(axis=0), strict=False)},
+        "rtol": FEATURE_RTOL,
+        "same": bool((rel <= FEATURE_RTOL).all()),
+    }
+
+
+# --- the run --------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = MethodOptions(steps=args.steps)
+    scorer = Scorer(args.model, device=args.device, dtype=args.dtype, options=options)
+    scorer.load(warmup_batch=2)
+    device = scorer.model.device
+    images, decode_ms = load_images(scorer, args.images, max([*args.batch_sizes, args.naive_images]))
+    flops = count_flops(scorer, images[0])
+    unet, scheduler = naive_peer.load(args.model)
+    unet.to(device)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    autocast = scorer.model.autocast_dtype  # the naive peer gets the engine's precision, for a fair race
+
+    def naive_features(image: PreparedImage, dtype: torch.dtype | None = autocast) -> np.ndarray:
+        return naive_peer.features(unet, scheduler, image.tensor.to(device), args.steps, dtype)[0]
+
+    variants = variant_scorers(scorer, args) if args.variants else {}
+    compile_s = {}
+    for name, (variant, n_threads) in variants.items():  # warm-up: first-call allocations, compilation
+        with threads(n_threads):
+            compile_s[name] = timed(lambda v=variant: v.run(batch_of(images, 2)), device)
+
+    naive_images = images[: args.naive_images]
+    peak: list[float] = []
+    peak_reduced: list[float] = []  # in the autocast dtype (CUDA), the limit that applies there
+    naive: list[float] = []
+    engine: dict[int, list[float]] = {b: [] for b in args.batch_sizes}
+    bare: dict[int, list[float]] = {b: [] for b in args.batch_sizes}
+    var = {n: {b: [] for b in args.variant_batches} for n in variants}
+    too_big: set[int] = set()  # batch sizes that ran out of device memory
+    for round_ in range(args.rounds):
+        peak.append(matmul_peak(device))
+        if autocast is not None:
+            peak_reduced.append(matmul_peak(device, autocast))
+        for b in [b for b in args.batch_sizes if b not in too_big]:
+            batch = batch_of(images, b)
+            try:
+                engine[b].append(images_per_second(lambda x=batch: scorer.run(x), b, args.min_images, device))
+                bare[b].append(images_per_second(bare_unet(scorer, batch), b, args.min_images, device))
+            except (DeviceOutOfMemory, torch.OutOfMemoryError):
+                too_big.update(x for x in args.batch_sizes if x >= b)
+                torch.cuda.empty_cache()
+        naive.append(
+            len(naive_images) / sum(timed(lambda i=i: naive_features(i), device) for i in naive_images)
+        )
+        for name, (variant, n_threads) in variants.items():
+            with threads(n_threads):
+                for b in args.variant_batches:
+                    batch = batch_of(images, b)
+                    var[name][b].append(
+                        images_per_second(lambda v=variant, x=batch: v.run(x), b, args.min_images, device)
+                    )
+        print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+
+    # Same maths? Both in float32 (reduced precision is precision_check.py's subject).
+    naive_feats = np.stack([naive_features(image, None) for image in naive_images])
+    scorer.model.autocast_dtype = None
+    fast_feats = np.stack([s.features for s in scorer.run(naive_images)])
+    scorer.model.autocast_dtype = autocast
+    peak_gflops = median(peak)
+    rows = []
+    for b in [b for b in args.batch_sizes if engine[b]]:
+        ips = median(engine[b])
+        achieved = ips * flops["per_image"] / 1e9
+        rows.append({
+            "batch": b,
+            "images_per_s": ips,
+            "ms_per_image": 1e3 / ips,
+            "bare_unet_images_per_s": median(bare[b]),
+            "engine_over_bare": ips / median(bare[b]),
+            "gflops": achieved,
+            "pct_of_peak": 100 * achieved / peak_gflops,
+            "rounds": engine[b],
+        })  # fmt: skip
+    best = max(rows, key=lambda r: r["images_per_s"])
+    variant_rows = [
+        {"variant": name, "warmup_s": compile_s[name],
+         **{f"batch_{b}": median(var[name][b]) for b in args.variant_batches},
+         "rounds": {str(b): var[name][b] for b in args.variant_batches}}
+        for name in variants
+    ]  # fmt: skip
+    return {
+        "machine": machine_info(device),
+        "load_average_after": os.getloadavg(),
+        "model": scorer.info.model_id,
+        "parameters": scorer.info.parameters,
+        "sample_size": scorer.info.sample_size,
+        "method": options.method,
+        "steps": args.steps,
+        "device": str(device),
+        "dtype": scorer.info.dtype,
+        "torch_threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "decode_ms_per_image": decode_ms,
+        "flops": flops,
+        "peak_gflops": peak_gflops,
+        "peak_rounds": peak,
+        "peak_autocast_gflops": median(peak_reduced) if peak_reduced else None,
+        "engine": rows,
+        "naive": {"images_per_s": median(naive), "rounds": naive, "images": args.naive_images},
+        "speedup_vs_naive": best["images_per_s"] / median(naive),
+        "speedup_vs_naive_batch1": rows[0]["images_per_s"] / median(naive) if rows[0]["batch"] == 1 else None,
+        "best_batch": best["batch"],
+        "feature_check": compare_features(fast_feats, naive_feats),
+        "variants": variant_rows,
+        "out_of_memory_batches": sorted(too_big),
+    }
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def print_report(r: dict[str, Any]) -> None:
+    f, check = r["flops"], r["feature_check"]
+    head = f"{r['model']} ({r['parameters'] / 1e6:.1f} M params, {r['sample_size']} px)"
+    print(f"{head}, {r['method']} K={r['steps']}, {r['device']} {r['dtype']}, {r['torch_threads']} threads, "
+          f"{r['rounds']} rounds (medians)")  # fmt: skip
+    print(f"FLOPs: {f['unet_per_eval'] / 1e9:.3f} G per UNet eval, {f['per_image'] / 1e9:.2f} G per image; "
+          f"fp32 matmul peak {r['peak_gflops']:.0f} GFLOP/s; "
+          f"decode {r['decode_ms_per_image']:.2f} ms/img")  # fmt: skip
+    columns = ("batch", "img/s", "ms/img", "bare UNet", "eng/bare", "GFLOP/s", "% peak")
+    print(" ".join(f"{c:>9}" for c in columns))
+    for row in r["engine"]:
+        values = (row["images_per_s"], row["ms_per_image"], row["bare_unet_images_per_s"],
+                  row["engine_over_bare"], row["gflops"], row["pct_of_peak"])  # fmt: skip
+        print(f"{row['batch']:>9} " + " ".join(f"{v:>9.2f}" for v in values))
+    worst = max(check["max_rel_diff"].values())
+    print(f"naive peer: {r['naive']['images_per_s']:.2f} img/s -> engine speed-up "
+          f"{r['speedup_vs_naive']:.2f}x (batch {r['best_batch']}); same features: {check['same']} "
+          f"(max rel diff {worst:.1e}, rtol {check['rtol']})")  # fmt: skip
+    if r["variants"]:
+        batches = [k for k in r["variants"][0] if k.startswith("batch_")]
+        print(f"{'variant':<28} " + " ".join(f"{'img/s @' + b[6:]:>11}" for b in batches) + "  warm-up s")
+        for v in r["variants"]:
+            print(
+                f"{v['variant']:<28} "
+                + " ".join(f"{v[b]:>11.2f}" for b in batches)
+                + f"  {v['warmup_s']:>9.1f}"
+            )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of PNGs (random if none)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--steps", type=int, default=10, help="K")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--min-images", type=int, default=16, help="images per measurement (at least a batch)")
+    p.add_argument("--naive-images", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--variants", action="store_true", help="also time single changes to the engine")
+    p.add_argument("--variant-batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--compile", action="store_true", help="add a torch.compile variant (slow to build)")
+    p.add_argument("--compile-mode", default="default")
+    p.add_argument("--quick", action="store_true", help="smoke run: batches 1 2, K=2, 1 round")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch_sizes, args.variant_batches, args.steps = [1, 2], [2], 2
+        args.rounds, args.min_images, args.naive_images = 1, 2, 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    print_report(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0 if result["feature_check"]["same"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

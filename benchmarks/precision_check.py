@@ -1,0 +1,114 @@
+"""How much reduced-precision autocast (bf16 / fp16) moves features and anomaly scores against float32.
+
+    python benchmarks/precision_check.py --json benchmarks/results/precision_cpu.json          # bf16 on CPU
+    python benchmarks/precision_check.py --device cuda --dtypes bfloat16 float16 --json ...
+
+A profile is fitted on float32 features of ``--reference`` normal images; then held-out normal images and
+``--ood`` images are scored from float32 features and from each reduced dtype's features. Reported: relative
+feature differences, |score difference| (median, 95th percentile, max) in score units and as a fraction of
+the calibration scores' interquartile range, how many verdicts flip at the profile's 5% threshold, and AUROC
+(normal vs OOD) for each dtype. Not a test; the numbers go to docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.engine.calibration import fit_profile
+from app.engine.scorer import Scorer
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def features(scorer: Scorer, paths: list[Path], batch: int) -> np.ndarray:
+    images = [scorer.decode(p.read_bytes()) for p in paths]
+    out = [s.features for i in range(0, len(images), batch) for s in scorer.run(images[i : i + batch])]
+    return np.stack(out)
+
+
+def auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
+    """P(score of an anomaly > score of a normal image), ties counted half."""
+    greater = (anomalous[:, None] > normal[None, :]).mean()
+    ties = (anomalous[:, None] == normal[None, :]).mean()
+    return float(greater + 0.5 * ties)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=ROOT / "model_store" / "celeba32-ref")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=sorted(DTYPES))
+    p.add_argument("--normal", type=Path, default=DATA / "celeba")
+    p.add_argument("--ood", type=Path, default=DATA / "cifar10")
+    p.add_argument("--reference", type=int, default=200, help="normal images the profile is fitted on")
+    p.add_argument("--test", type=int, default=100, help="held-out normal and OOD images scored")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    normal = sorted(args.normal.glob("*.png"))
+    ood = sorted(args.ood.glob("*.png"))[: args.test]
+    if len(normal) < args.reference + args.test or not ood:
+        p.error("not enough images")
+    reference, held_out = normal[: args.reference], normal[args.reference : args.reference + args.test]
+
+    scorer = Scorer(args.model, device=args.device, dtype="float32")
+    scorer.load(warmup_batch=0)
+    fp32 = {name: features(scorer, paths, args.batch) for name, paths in
+            (("reference", reference), ("normal", held_out), ("ood", ood))}  # fmt: skip
+    profile = fit_profile(
+        "precision", fp32["reference"], model_id=scorer.info.model_id, options=scorer.options
+    )
+    cal = profile.calibration_scores
+    iqr = float(np.subtract(*np.percentile(cal, [75, 25])))
+    base_scores = {k: profile.score(fp32[k]) for k in ("normal", "ood")}
+    result: dict[str, Any] = {
+        "model": scorer.info.model_id,
+        "device": args.device,
+        "images": {"reference": len(reference), "normal": len(held_out), "ood": len(ood)},
+        "ood_set": args.ood.name,
+        "calibration_iqr": iqr,
+        "float32": {"auroc": auroc(base_scores["normal"], base_scores["ood"])},
+    }
+    for name in args.dtypes:
+        scorer.model.autocast_dtype = DTYPES[name]  # the engine's CUDA path; on CPU the same autocast
+        reduced = {
+            k: features(scorer, paths, args.batch) for k, paths in (("normal", held_out), ("ood", ood))
+        }
+        both = np.concatenate([reduced["normal"], reduced["ood"]])
+        base = np.concatenate([fp32["normal"], fp32["ood"]])
+        scale = np.maximum(np.abs(base), 1e-3 * np.abs(base).max(axis=0, keepdims=True))
+        scores = {k: profile.score(reduced[k]) for k in reduced}
+        diff = np.abs(np.concatenate([scores[k] - base_scores[k] for k in scores]))
+        flips = sum(int(((scores[k] > profile.threshold) != (base_scores[k] > profile.threshold)).sum())
+                    for k in scores)  # fmt: skip
+        result[name] = {
+            "feature_max_rel_diff": np.max(np.abs(both - base) / scale, axis=0).tolist(),
+            "feature_median_rel_diff": np.median(np.abs(both - base) / scale, axis=0).tolist(),
+            "score_abs_diff": {f"p{q}": float(np.percentile(diff, q)) for q in (50, 95, 100)},
+            "score_abs_diff_over_iqr_p95": float(np.percentile(diff, 95) / iqr),
+            "verdict_flips": flips,
+            "scored": len(diff),
+            "auroc": auroc(scores["normal"], scores["ood"]),
+        }  # fmt: skip
+    json.dump(result, sys.stdout, indent=2)
+    print()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
