@@ -271,6 +271,7 @@ class Profile:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as fh:
             json.dump(self.to_dict(), fh)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; profiles are shared read-only data
         os.replace(tmp, path)
         return path
 
