@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -14,7 +15,9 @@ from app.commands.common import add_engine_args, load_scorer, method_options, se
 from app.engine.calibration import fit_profile
 from app.engine.datasets import feature_matrix, folder_statistics, list_images
 from app.engine.evaluation import PairResult, detection_metrics, format_table, plot_roc_and_histograms
+from app.engine.scorer import Scorer
 from app.engine.types import METHODS
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fit-limit", type=int, default=2000, help="at most M fitting images (default 2000)")
     p.add_argument("--json", required=True, type=Path, help="output JSON file")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        help="folder for per-set feature caches (.npz keyed by model, options and files): re-runs and "
+        "role swaps (another ID set) skip the model",
+    )
     p.set_defaults(func=run)
 
 
@@ -71,6 +80,20 @@ def split_id_and_fit(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
         half = len(shuffled) // 2
         fit, ids = shuffled[:half], shuffled[half:]
     return ids[: args.limit] if args.limit else ids, fit[: args.fit_limit]
+
+
+def cache_file(
+    folder: Path | None, scorer: Scorer, settings: Settings, methods: list[str], paths: list[Path]
+) -> Path | None:
+    if folder is None:
+        return None
+    key = {
+        "model": scorer.info.model_id,
+        "options": [method_options(settings, m).feature_key() for m in methods],
+        "files": [str(p.resolve()) for p in paths],
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return folder / f"features-{digest}.npz"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,10 +111,19 @@ def run(args: argparse.Namespace) -> int:
     n_images = 0
     features: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
     for name, paths in sets.items():
+        cache = cache_file(args.cache, scorer, settings, args.methods, paths)
+        if cache is not None and cache.is_file():
+            with np.load(cache, allow_pickle=False) as data:
+                for m in args.methods:
+                    features[m][name] = data[m]
+            continue
         kept, stats = folder_statistics(scorer, paths, args.methods, args.batch_size, desc=name)
         n_images += len(kept)
         for m in args.methods:
             features[m][name] = feature_matrix(stats[m])
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, **{m: features[m][name] for m in args.methods})  # type: ignore[arg-type]
     seconds = time.perf_counter() - started
 
     scores: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
