@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from app.engine.preprocessing import DecodeLimits
 from app.engine.scorer import Scorer
 from app.engine.types import METHODS, MethodOptions
+from app.service.scoring import engine_from_settings
 from app.settings import Settings
 
 
@@ -40,16 +40,7 @@ def method_options(settings: Settings, method: str | None = None) -> MethodOptio
 
 
 def load_scorer(settings: Settings, options: MethodOptions | None = None, warmup: bool = False) -> Scorer:
-    scorer = Scorer(
-        settings.model_dir,
-        device=settings.device,
-        dtype=settings.dtype,
-        options=options or method_options(settings),
-        torch_threads=settings.torch_threads,
-        limits=DecodeLimits(
-            max_pixels=settings.max_image_pixels, allowed_formats=tuple(settings.allowed_formats)
-        ),
-    )
+    scorer = engine_from_settings(settings, options)
     scorer.load(warmup_batch=2 if warmup else 0)
     return scorer
 

@@ -76,12 +76,13 @@ class ScoreOutcome:
     timings: dict[str, float]  # seconds: decode, queue, compute, total; plus "batches"
 
 
-def engine_from_settings(settings: Settings) -> Scorer:
+def engine_from_settings(settings: Settings, options: MethodOptions | None = None) -> Scorer:
+    """The engine the settings describe (the CLI passes ``options`` to compare methods)."""
     return Scorer(
         settings.model_dir,
         device=settings.device,
         dtype=settings.dtype,
-        options=MethodOptions(method=settings.method, steps=settings.steps),
+        options=options or MethodOptions(method=settings.method, steps=settings.steps),
         torch_threads=settings.torch_threads,
         limits=DecodeLimits(
             max_pixels=settings.max_image_pixels, allowed_formats=tuple(settings.allowed_formats)
