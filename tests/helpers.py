@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO / "model_store" / "celeba32-ref"
-DATA = REPO.parent / "shared" / "data"
+# ../shared/data beside the checkout; DDM_TEST_DATA points elsewhere (a clone in another folder).
+DATA = Path(os.environ.get("DDM_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
 def data_images(name: str, n: int, start: int = 0) -> list[Path]:

@@ -21,10 +21,11 @@ import pytest
 
 from app.client import AnomalyClient, AsyncAnomalyClient, ServiceError
 from tests.conftest import LiveServer
+from tests.helpers import DATA as SHARED_DATA
 
 pytestmark = [pytest.mark.slow, pytest.mark.live]
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "celeba"
+DATA = SHARED_DATA / "celeba"
 KEY = "live-test-key"
 PROFILE = "faces"
 POLL_LIMIT_S = 60.0  # bound on waiting for a state the server reaches by itself
