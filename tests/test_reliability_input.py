@@ -34,6 +34,7 @@ from hypothesis.errors import Unsatisfiable
 
 from tests import hostile_media as media
 from tests.conftest import LiveServer
+from tests.reliability_helpers import moved, samples
 
 pytestmark = [pytest.mark.slow, pytest.mark.live]
 
@@ -523,27 +524,6 @@ def score_of(url: str, data: bytes) -> float:
     score = r.json()["results"][0]["score"]
     assert isinstance(score, float) and math.isfinite(score), r.text
     return score
-
-
-def samples(url: str) -> dict[str, float]:
-    """Every sample of /metrics: ``name{labels}`` -> value."""
-    out = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line and not line.startswith("#"):
-            series, _, value = line.rpartition(" ")
-            out[series] = float(value)
-    return out
-
-
-def moved(before: dict[str, float], after: dict[str, float], name: str) -> dict[str, float]:
-    """Label sets of ``name`` whose value changed: {labels: delta}."""
-    out = {}
-    for series in set(before) | set(after):
-        if series.startswith(name + "{"):
-            delta = after.get(series, 0.0) - before.get(series, 0.0)
-            if delta:
-                out[series[len(name) :]] = delta
-    return out
 
 
 @pytest.fixture(scope="module")
