@@ -50,7 +50,7 @@ from app.errors import DeviceOutOfMemory
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "model_store" / "celeba32-ref"
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "celeba"
-FEATURE_RTOL = 1e-3  # engine vs naive peer: float32 batched sums vs float64 NumPy sums
+FEATURE_TOL = 1e-3  # engine vs naive peer, in units of each feature's spread over the images
 NAMES = ("sum a", "sum a^2", "sum a^3", "sum da", "sum da^2", "sum da^3")
 
 
@@ -60,7 +60,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, repeats: int = 3) -> float:
     """Best GFLOP/s of an n x n matmul (n = 2048 on CPU, 8192 on CUDA)."""
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -158,12 +158,14 @@ def variant_scorers(base: Scorer, args: argparse.Namespace) -> dict[str, tuple[S
         twin._model = copy.copy(base.model)  # same weights unless the variant replaces the module
         return twin
 
-    channels_last = clone()
-    channels_last.model.unet = copy.deepcopy(base.model.unet).to(memory_format=torch.channels_last)
-    out["channels_last weights"] = (channels_last, args.threads)
-    other = 1 if torch.get_num_threads() > 1 else 2
-    if args.threads != other:
-        out[f"torch threads = {other}"] = (base, other)
+    layout = clone()  # the other weight layout than the shipped one
+    shipped_cl = base.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    other = torch.contiguous_format if shipped_cl else torch.channels_last
+    layout.model.unet = copy.deepcopy(base.model.unet).to(memory_format=other)
+    out["NCHW weights" if shipped_cl else "channels_last weights"] = (layout, args.threads)
+    if base.model.device.type == "cpu":
+        other_threads = 1 if torch.get_num_threads() > 1 else 2
+        out[f"torch threads = {other_threads}"] = (base, other_threads)
     precisions = {"bf16 autocast": torch.bfloat16}
     if base.model.device.type == "cuda":
         precisions = {
@@ -184,13 +186,35 @@ def variant_scorers(base: Scorer, args: argparse.Namespace) -> dict[str, tuple[S
 
 
 def compare_features(fast: np.ndarray, slow: np.ndarray) -> dict[str, Any]:
-    scale = np.maximum(np.abs(slow), 1e-3 * np.abs(slow).max(axis=0, keepdims=True))
-    rel = np.abs(fast - slow) / scale
+    """Engine vs naive peer. Sums of odd powers cancel (sum a^3 is small next to its terms), so float32
+    reassociation moves them by more than their own relative precision: the pass criterion is the
+    difference in units of the feature's spread over the images, which is what a density sees."""
+    diff = np.abs(fast - slow)
+    rel = diff / np.maximum(np.abs(slow), 1e-12)
+    spread = diff / np.maximum(slow.std(axis=0, keepdims=True), 1e-12)
     return {
-        "max_rel_diff": {n: float(v) for n, v in zip(NAMES, rel.max(axis=0), strict=False)},
-        "rtol": FEATURE_RTOL,
-        "same": bool((rel <= FEATURE_RTOL).all()),
+        "max_rel_diff": dict(zip(NAMES, rel.max(axis=0).tolist(), strict=False)),
+        "max_diff_over_image_std": dict(zip(NAMES, spread.max(axis=0).tolist(), strict=False)),
+        "tolerance_over_image_std": FEATURE_TOL,
+        "same": bool((spread <= FEATURE_TOL).all()),
     }
+
+
+class Samples:
+    """Per-round measurements; ratios are taken within a round (close in time), then the median."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, key: str, value: float) -> None:
+        self.values.setdefault(key, []).append(value)
+
+    def median(self, key: str) -> float:
+        return median(self.values.get(key, []))
+
+    def ratio(self, top: str, bottom: str) -> float:
+        pairs = zip(self.values.get(top, []), self.values.get(bottom, []), strict=False)
+        return median([a / b for a, b in pairs if b > 0])
 
 
 # --- the run --------------------------------------------------------------------------------------------
@@ -211,42 +235,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def naive_features(image: PreparedImage, dtype: torch.dtype | None = autocast) -> np.ndarray:
         return naive_peer.features(unet, scheduler, image.tensor.to(device), args.steps, dtype)[0]
 
+    def engine_rate(engine: Scorer, b: int) -> float:
+        batch = batch_of(images, b)
+        return images_per_second(lambda: engine.run(batch), b, args.min_images, device)
+
     variants = variant_scorers(scorer, args) if args.variants else {}
-    compile_s = {}
-    for name, (variant, n_threads) in variants.items():  # warm-up: first-call allocations, compilation
+    warmup_s = {}
+    for name, (variant, n_threads) in variants.items():  # first-call allocations, compilation
         with threads(n_threads):
-            compile_s[name] = timed(lambda v=variant: v.run(batch_of(images, 2)), device)
+            warmup_s[name] = sum(timed(lambda v=variant, b=b: v.run(batch_of(images, b)), device)
+                                 for b in args.variant_batches)  # fmt: skip
+    if device.type == "cuda":  # first call per shape: cuDNN algorithm search, allocator growth
+        for b in args.batch_sizes:
+            with contextlib.suppress(DeviceOutOfMemory, torch.OutOfMemoryError):
+                scorer.run(batch_of(images, b))
 
     naive_images = images[: args.naive_images]
-    peak: list[float] = []
-    peak_reduced: list[float] = []  # in the autocast dtype (CUDA), the limit that applies there
-    naive: list[float] = []
-    engine: dict[int, list[float]] = {b: [] for b in args.batch_sizes}
-    bare: dict[int, list[float]] = {b: [] for b in args.batch_sizes}
-    var = {n: {b: [] for b in args.variant_batches} for n in variants}
-    too_big: set[int] = set()  # batch sizes that ran out of device memory
+    m = Samples()
+    batches = list(args.batch_sizes)
     for round_ in range(args.rounds):
-        peak.append(matmul_peak(device))
-        if autocast is not None:
-            peak_reduced.append(matmul_peak(device, autocast))
-        for b in [b for b in args.batch_sizes if b not in too_big]:
-            batch = batch_of(images, b)
-            try:
-                engine[b].append(images_per_second(lambda x=batch: scorer.run(x), b, args.min_images, device))
-                bare[b].append(images_per_second(bare_unet(scorer, batch), b, args.min_images, device))
+        for b in list(batches):
+            try:  # the peak right beside each engine measurement: load from other processes hits both
+                m.add(f"peak@{b}", matmul_peak(device, repeats=3))
+                if autocast is not None:
+                    m.add("peak_autocast", matmul_peak(device, autocast, repeats=3))
+                m.add(f"engine@{b}", engine_rate(scorer, b))
+                bare = bare_unet(scorer, batch_of(images, b))
+                m.add(f"bare@{b}", images_per_second(bare, b, args.min_images, device))
             except (DeviceOutOfMemory, torch.OutOfMemoryError):
-                too_big.update(x for x in args.batch_sizes if x >= b)
+                batches = [x for x in batches if x < b]
                 torch.cuda.empty_cache()
-        naive.append(
-            len(naive_images) / sum(timed(lambda i=i: naive_features(i), device) for i in naive_images)
+        m.add(
+            "naive",
+            len(naive_images) / sum(timed(lambda i=i: naive_features(i), device) for i in naive_images),
         )
+        for b in (1, batches[-1]):  # the engine again right after the naive peer, for the ratio
+            m.add(f"engine_next_to_naive@{b}", engine_rate(scorer, b))
         for name, (variant, n_threads) in variants.items():
             with threads(n_threads):
                 for b in args.variant_batches:
-                    batch = batch_of(images, b)
-                    var[name][b].append(
-                        images_per_second(lambda v=variant, x=batch: v.run(x), b, args.min_images, device)
-                    )
+                    m.add(f"{name}@{b}", engine_rate(variant, b))
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
     # Same maths? Both in float32 (reduced precision is precision_check.py's subject).
@@ -254,28 +282,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scorer.model.autocast_dtype = None
     fast_feats = np.stack([s.features for s in scorer.run(naive_images)])
     scorer.model.autocast_dtype = autocast
-    peak_gflops = median(peak)
+
     rows = []
-    for b in [b for b in args.batch_sizes if engine[b]]:
-        ips = median(engine[b])
-        achieved = ips * flops["per_image"] / 1e9
+    for b in batches:
+        ips = m.median(f"engine@{b}")
         rows.append({
             "batch": b,
             "images_per_s": ips,
             "ms_per_image": 1e3 / ips,
-            "bare_unet_images_per_s": median(bare[b]),
-            "engine_over_bare": ips / median(bare[b]),
-            "gflops": achieved,
-            "pct_of_peak": 100 * achieved / peak_gflops,
-            "rounds": engine[b],
+            "bare_unet_images_per_s": m.median(f"bare@{b}"),
+            "engine_over_bare": m.ratio(f"engine@{b}", f"bare@{b}"),
+            "gflops": ips * flops["per_image"] / 1e9,
+            "pct_of_peak": 100 * m.ratio(f"engine@{b}", f"peak@{b}") * flops["per_image"] / 1e9,
+            "peak_gflops": m.median(f"peak@{b}"),
+            "rounds": m.values[f"engine@{b}"],
         })  # fmt: skip
-    best = max(rows, key=lambda r: r["images_per_s"])
+    shipped = next(iter(variants), "")
     variant_rows = [
-        {"variant": name, "warmup_s": compile_s[name],
-         **{f"batch_{b}": median(var[name][b]) for b in args.variant_batches},
-         "rounds": {str(b): var[name][b] for b in args.variant_batches}}
+        {"variant": name, "warmup_s": warmup_s[name],
+         **{f"batch_{b}": m.median(f"{name}@{b}") for b in args.variant_batches},
+         **{f"vs_shipped_{b}": m.ratio(f"{name}@{b}", f"{shipped}@{b}") for b in args.variant_batches},
+         "rounds": {str(b): m.values[f"{name}@{b}"] for b in args.variant_batches}}
         for name in variants
     ]  # fmt: skip
+    best = max(rows, key=lambda r: r["images_per_s"])
+    peaks = [v for k, vs in m.values.items() if k.startswith("peak@") for v in vs]
     return {
         "machine": machine_info(device),
         "load_average_after": os.getloadavg(),
@@ -290,17 +321,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "decode_ms_per_image": decode_ms,
         "flops": flops,
-        "peak_gflops": peak_gflops,
-        "peak_rounds": peak,
-        "peak_autocast_gflops": median(peak_reduced) if peak_reduced else None,
+        "peak_gflops": median(peaks),
+        "peak_range_gflops": [min(peaks), max(peaks)],
+        "peak_autocast_gflops": m.median("peak_autocast") if autocast is not None else None,
         "engine": rows,
-        "naive": {"images_per_s": median(naive), "rounds": naive, "images": args.naive_images},
-        "speedup_vs_naive": best["images_per_s"] / median(naive),
-        "speedup_vs_naive_batch1": rows[0]["images_per_s"] / median(naive) if rows[0]["batch"] == 1 else None,
         "best_batch": best["batch"],
+        "naive": {
+            "images_per_s": m.median("naive"),
+            "rounds": m.values["naive"],
+            "images": len(naive_images),
+        },
+        "speedup_vs_naive": m.ratio(f"engine_next_to_naive@{batches[-1]}", "naive"),
+        "speedup_vs_naive_batch1": m.ratio("engine_next_to_naive@1", "naive"),
         "feature_check": compare_features(fast_feats, naive_feats),
         "variants": variant_rows,
-        "out_of_memory_batches": sorted(too_big),
+        "out_of_memory_batches": [b for b in args.batch_sizes if b not in batches],
+        "samples": m.values,
     }
 
 
@@ -334,19 +370,21 @@ def print_report(r: dict[str, Any]) -> None:
         values = (row["images_per_s"], row["ms_per_image"], row["bare_unet_images_per_s"],
                   row["engine_over_bare"], row["gflops"], row["pct_of_peak"])  # fmt: skip
         print(f"{row['batch']:>9} " + " ".join(f"{v:>9.2f}" for v in values))
-    worst = max(check["max_rel_diff"].values())
+    worst = max(check["max_diff_over_image_std"].values())
     print(f"naive peer: {r['naive']['images_per_s']:.2f} img/s -> engine speed-up "
-          f"{r['speedup_vs_naive']:.2f}x (batch {r['best_batch']}); same features: {check['same']} "
-          f"(max rel diff {worst:.1e}, rtol {check['rtol']})")  # fmt: skip
+          f"{r['speedup_vs_naive']:.2f}x at batch {r['engine'][-1]['batch']}, "
+          f"{r['speedup_vs_naive_batch1']:.2f}x at batch 1; "
+          f"same features: {check['same']} (max diff {worst:.1e} image-std)")  # fmt: skip
     if r["variants"]:
-        batches = [k for k in r["variants"][0] if k.startswith("batch_")]
-        print(f"{'variant':<28} " + " ".join(f"{'img/s @' + b[6:]:>11}" for b in batches) + "  warm-up s")
+        batches = [k[6:] for k in r["variants"][0] if k.startswith("batch_")]
+        print(
+            f"{'variant':<28} "
+            + " ".join(f"{'img/s @' + b:>11} {'ratio':>6}" for b in batches)
+            + "  warm-up s"
+        )
         for v in r["variants"]:
-            print(
-                f"{v['variant']:<28} "
-                + " ".join(f"{v[b]:>11.2f}" for b in batches)
-                + f"  {v['warmup_s']:>9.1f}"
-            )
+            cells = " ".join(f"{v['batch_' + b]:>11.2f} {v['vs_shipped_' + b]:>6.2f}" for b in batches)
+            print(f"{v['variant']:<28} {cells}  {v['warmup_s']:>9.1f}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
