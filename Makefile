@@ -4,13 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install clean
+.PHONY: run test lint install clean lock
 
-$(STAMP): pyproject.toml constraints/cpu.txt
+$(STAMP): pyproject.toml constraints/cpu.txt requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU install path: torch comes from the pinned CPU wheel, never the multi-GB CUDA build.
-	$(BIN)/pip install -q -c constraints/cpu.txt -e '.[dev]'
+	# requirements.lock pins every other distribution (reproducible installs; pip-audit checks it).
+	$(BIN)/pip install -q -c constraints/cpu.txt -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +26,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# After changing dependencies: re-pin requirements.lock to what is installed (keeps its comment header).
+lock: $(STAMP)
+	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info
