@@ -570,7 +570,9 @@ def test_refused_with_its_status_json_error_and_one_count(server: Served, case: 
     assert error["code"] == case.code and error["message"]
     assert error["request_id"] == answer.headers["x-request-id"]
     assert b"Traceback" not in answer.body and b'File "' not in answer.body
-    assert f"[request_id={error['request_id']}]" in server.live.log()
+    log = server.live.log()
+    assert f"[request_id={error['request_id']}]" in log
+    assert KEY not in log  # not even from ?api_key=... (the access log redacts it)
     assert moved(before, after, "anomaly_refusals_total") == {f'{{reason="{case.reason}"}}': 1.0}
     assert moved(before, after, "anomaly_images_total").get('{outcome="scored"}', 0.0) == case.computed
     if case.status == 401:

@@ -32,6 +32,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import app.web.deps as deps
+from app.commands.serve import RedactQuerySecrets
 from app.engine.calibration import fit_profile
 from app.engine.model_loading import ModelLoadError, load_model
 from app.engine.profile_store import MAX_PROFILES, ProfileStore, validate_profile_name
@@ -95,6 +96,18 @@ def test_keys_are_secret_and_never_logged(tmp_path: Path, caplog: pytest.LogCapt
             assert "s3cret-key" not in client.get(path).text
     ours = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("httpx"))
     assert "guessed-token-123" not in ours and "s3cret-key" not in ours
+
+
+def test_access_log_redacts_secrets_in_query_strings() -> None:
+    args = ("1.2.3.4:5", "POST", "/v1/score?profile=a&api_key=k1&token=k2", "1.1", 401)
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', args, None
+    )
+    assert RedactQuerySecrets().filter(record)
+    assert (
+        record.getMessage()
+        == '1.2.3.4:5 - "POST /v1/score?profile=a&api_key=[redacted]&token=[redacted] HTTP/1.1" 401'
+    )
 
 
 def test_open_profile_creation_flag_does_not_bypass_configured_keys(tmp_path: Path) -> None:

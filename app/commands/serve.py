@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
         lifespan="on",
     )
+    logging.getLogger("uvicorn.access").addFilter(RedactQuerySecrets())  # after uvicorn set up logging
     server = DrainingServer(
         config, on_signal=app.state.service.begin_drain, delay_s=settings.shutdown_delay_s
     )
@@ -73,6 +75,21 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, _ignore)
     server.run()
     return 0 if server.started else 1
+
+
+_SECRET_PARAM = re.compile(r"([?&](?:[\w.-]*(?:key|token|secret|passw(?:or)?d|auth)[\w.-]*)=)[^&#\s]*", re.I)
+
+
+class RedactQuerySecrets(logging.Filter):
+    """uvicorn's access log prints each request's query string. Keys are only taken from the Authorization
+    header, but a client that puts one in the URL (``?api_key=...``, refused with 401) must not leave it in
+    the log: values of key/token/secret/password/auth parameters are replaced."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], _SECRET_PARAM.sub(r"\1[redacted]", args[2]), *args[3:])
+        return True
 
 
 def _ignore(sig: int, frame: FrameType | None) -> None:
