@@ -578,8 +578,12 @@ def test_refused_with_its_status_json_error_and_one_count(server: Served, case: 
     if case.status == 401:
         assert answer.headers["www-authenticate"] == "Bearer"
     if case.id == "chunked-over-cap-cut-while-streaming":
+        print(f"\n{case.id}: answered after {STREAMED['chunked']} bytes sent (cap {CAP_BYTES})")
         assert STREAMED["chunked"] <= 2 * CAP_BYTES  # refused near the cap, not after reading 8 MiB
     if case.id == "slow-upload-past-deadline":
+        print(
+            f"\n{case.id}: answered after {STREAMED['slow_ms']} ms, {STREAMED['slow']} of 100000 bytes sent"
+        )
         assert STREAMED["slow_ms"] < 5000 and STREAMED["slow"] < 100_000
     still_good(server)
 
