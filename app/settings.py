@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     drain_timeout_s: float = Field(30.0, ge=0.0, description="how long SIGTERM waits for accepted work")
+    keep_alive_timeout_s: float = Field(
+        75.0,
+        ge=1.0,
+        description="idle keep-alive connections are closed after this; longer than a load balancer's idle "
+        "timeout (60 s on common ones), so a client never reuses a connection the server is closing",
+    )
     shutdown_delay_s: float = Field(
         0.0,
         ge=0.0,

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
+        timeout_keep_alive=max(1, math.ceil(settings.keep_alive_timeout_s)),
         lifespan="on",
     )
     logging.getLogger("uvicorn.access").addFilter(RedactQuerySecrets())  # after uvicorn set up logging
