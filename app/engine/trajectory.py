@@ -64,10 +64,11 @@ def autocast(model: LoadedModel) -> contextlib.AbstractContextManager:
 
 
 def predict_noise(model: LoadedModel, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    """eps_theta(x_t, t) for the whole batch in one forward pass, returned in float32."""
+    """eps_theta(x_t, t) for the whole batch in one forward pass, returned in float32, NCHW-contiguous (a
+    channels_last UNet answers channels_last; the sums downstream flatten, which would copy anyway)."""
     timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
     with autocast(model):
-        return model.unet(x_t, timesteps).sample.float()
+        return model.unet(x_t, timesteps).sample.float().contiguous()
 
 
 @dataclass
