@@ -4,10 +4,11 @@
     python benchmarks/precision_check.py --device cuda --dtypes bfloat16 float16 --json ...
 
 A profile is fitted on float32 features of ``--reference`` normal images; then held-out normal images and
-``--ood`` images are scored from float32 features and from each reduced dtype's features. Reported: relative
-feature differences, |score difference| (median, 95th percentile, max) in score units and as a fraction of
-the calibration scores' interquartile range, how many verdicts flip at the profile's 5% threshold, and AUROC
-(normal vs OOD) for each dtype. Not a test; the numbers go to docs/PERFORMANCE.md.
+``--ood`` images are scored from float32 features and from each reduced dtype's features. Reported: feature
+differences in units of each feature's spread over the images, |score difference| (median, 95th
+percentile, max) in score units and as a fraction of the calibration scores' interquartile range, how many
+verdicts flip at the profile's 5% threshold, and AUROC (normal vs OOD) for each dtype. Not a test; the
+numbers go to docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -88,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         both = np.concatenate([reduced["normal"], reduced["ood"]])
         base = np.concatenate([fp32["normal"], fp32["ood"]])
-        scale = np.maximum(np.abs(base), 1e-3 * np.abs(base).max(axis=0, keepdims=True))
+        spread = np.maximum(base.std(axis=0, keepdims=True), 1e-12)  # features in image-std units
         scores = {k: profile.score(reduced[k]) for k in reduced}
         diff = np.abs(np.concatenate([scores[k] - base_scores[k] for k in scores]))
         flips = sum(int(((scores[k] > profile.threshold) != (base_scores[k] > profile.threshold)).sum())
                     for k in scores)  # fmt: skip
         result[name] = {
-            "feature_max_rel_diff": np.max(np.abs(both - base) / scale, axis=0).tolist(),
-            "feature_median_rel_diff": np.median(np.abs(both - base) / scale, axis=0).tolist(),
+            "feature_max_diff_over_image_std": np.max(np.abs(both - base) / spread, axis=0).tolist(),
+            "feature_median_diff_over_image_std": np.median(np.abs(both - base) / spread, axis=0).tolist(),
             "score_abs_diff": {f"p{q}": float(np.percentile(diff, q)) for q in (50, 95, 100)},
             "score_abs_diff_over_iqr_p95": float(np.percentile(diff, 95) / iqr),
             "verdict_flips": flips,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_msssim.ssim import _fspecial_gauss_1d, gaussian_filter
 
+from app.engine.model_loading import ModelLoadError, cpu_has_native_bf16, resolve_dtype
 from app.engine.ssim import WINDOW, blur, ssim_map, ssim_reference
 
 
@@ -33,3 +34,15 @@ def test_a_reused_reference_gives_the_same_map() -> None:
     x = torch.rand(3, 3, 32, 32, generator=gen) * 2 - 1
     y = (x + 0.2 * torch.randn(3, 3, 32, 32, generator=gen)).clamp(-1, 1)
     assert torch.equal(ssim_map(ssim_reference(x), y), ssim_map(x, y))
+
+
+def test_cpu_precision_is_float32_unless_bf16_is_asked_for_and_native() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == (torch.float32, None)
+    if cpu_has_native_bf16():
+        assert resolve_dtype("bfloat16", cpu) == (torch.float32, torch.bfloat16)
+    else:
+        with pytest.raises(ModelLoadError, match="native bf16"):
+            resolve_dtype("bfloat16", cpu)
+    with pytest.raises(ModelLoadError, match="only supported on CUDA"):
+        resolve_dtype("float16", cpu)
