@@ -191,7 +191,8 @@ def compare_features(fast: np.ndarray, slow: np.ndarray) -> dict[str, Any]:
     difference in units of the feature's spread over the images, which is what a density sees."""
     diff = np.abs(fast - slow)
     rel = diff / np.maximum(np.abs(slow), 1e-12)
-    spread = diff / np.maximum(slow.std(axis=0, keepdims=True), 1e-12)
+    std = slow.std(axis=0, keepdims=True) if len(slow) > 1 else np.abs(slow)  # one image: relative
+    spread = diff / np.maximum(std, 1e-12)
     return {
         "max_rel_diff": dict(zip(NAMES, rel.max(axis=0).tolist(), strict=False)),
         "max_diff_over_image_std": dict(zip(NAMES, spread.max(axis=0).tolist(), strict=False)),

@@ -1,6 +1,7 @@
-"""Plots for docs/PERFORMANCE.md from the benchmark JSON files.
+"""Plots for docs/PERFORMANCE.md from the benchmark JSON files (one or more runs of each).
 
-python benchmarks/plots.py --engine benchmarks/results/engine.json --service benchmarks/results/service.json
+    python benchmarks/plots.py --engine results/engine_1t.json results/engine_2t.json \
+        --service results/service_1t.json results/service_2t.json
 """
 
 from __future__ import annotations
@@ -18,48 +19,60 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "img"
 
 
-def engine_plot(report: dict, out: Path) -> None:
-    rows = report["engine"]
-    batches = [r["batch"] for r in rows]
+def engine_plot(reports: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    ax.plot(batches, [r["images_per_s"] for r in rows], "o-", label="engine (Scorer.run)")
-    ax.plot(batches, [r["bare_unet_images_per_s"] for r in rows], "s--", label="bare UNet, K passes")
-    naive = report["naive"]["images_per_s"]
-    ax.axhline(naive, color="grey", ls=":", label=f"naive peer ({naive:.2f} img/s)")
-    peak_ips = report["peak_gflops"] * 1e9 / report["flops"]["per_image"]
-    ax.axhline(peak_ips, color="red", ls="-.", lw=1, label=f"matmul peak ({peak_ips:.1f} img/s)")
+    for report, color in zip(reports, ("C0", "C1", "C2", "C3"), strict=False):
+        rows = report["engine"]
+        batches = [r["batch"] for r in rows]
+        threads = f"{report['torch_threads']} thread{'s' if report['torch_threads'] > 1 else ''}"
+        ax.plot(batches, [r["images_per_s"] for r in rows], "o-", color=color, label=f"engine, {threads}")
+        naive = report["naive"]["images_per_s"]
+        ax.axhline(naive, color=color, ls=":", lw=1, label=f"naive peer, {threads} ({naive:.1f})")
+        peak_ips = report["peak_gflops"] * 1e9 / report["flops"]["per_image"]
+        ax.axhline(peak_ips, color=color, ls="-.", lw=1, label=f"at matmul peak, {threads} ({peak_ips:.0f})")
+    batches = sorted({r["batch"] for report in reports for r in report["engine"]})
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
-    ax.set_ylim(bottom=0)
+    top = max(r["peak_gflops"] * 1e9 / r["flops"]["per_image"] for r in reports)
+    ax.set_ylim(0, top * 1.45)  # room for the legend above the curves
     ax.set_xlabel("batch size")
-    ax.set_ylabel(f"images/s (K={report['steps']})")
-    ax.set_title(f"{report['model'].split('@')[0]}, {report['device']}, {report['torch_threads']} thread(s)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylabel(f"images/s (K={reports[0]['steps']})")
+    ax.set_title(f"{reports[0]['model'].split('@')[0]} engine, {reports[0]['device']} float32")
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
 
 
-def service_plot(report: dict, out: Path) -> None:
-    runs = [("batching on", report["levels"])]
-    if report.get("compare"):
-        runs.append(("max batch 1", report["compare"]["levels"]))
-    fig, (lat, thr) = plt.subplots(1, 2, figsize=(8, 3.4), dpi=100)
-    for (name, levels), color in zip(runs, ("C0", "C1"), strict=False):
-        clients = [lv["concurrency"] for lv in levels]
-        lat.plot(clients, [lv["latency_s"]["p50"] for lv in levels], "o-", color=color, label=f"{name} p50")
-        lat.plot(clients, [lv["latency_s"]["p99"] for lv in levels], "^--", color=color, label=f"{name} p99")
-        thr.plot(clients, [lv["throughput_img_s"] for lv in levels], "o-", color=color, label=name)
-    engine = report.get("summary", {}).get("engine_img_s")
-    if engine:
-        thr.axhline(engine, color="grey", ls=":", label=f"engine offline ({engine:.1f})")
+def service_plot(reports: list[dict], out: Path) -> None:
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(8.5, 3.5), dpi=100)
+    colors = iter(("C0", "C1", "C2", "C3", "C4", "C5"))
+    for report in reports:
+        threads = report["server_env"].get("DDM_TORCH_THREADS", "default")
+        runs = [("batching", report["levels"])]
+        if report.get("compare"):
+            runs.append(("max batch 1", report["compare"]["levels"]))
+        for name, levels in runs:
+            color = next(colors)
+            clients = [lv["concurrency"] for lv in levels]
+            label = f"{name}, {threads} thr"
+            lat.plot(
+                clients, [lv["latency_s"]["p99"] for lv in levels], "^-", color=color, label=f"{label} p99"
+            )
+            thr.plot(clients, [lv["throughput_img_s"] for lv in levels], "o-", color=color, label=label)
+        engine = report.get("summary", {}).get("engine_img_s")
+        if engine:
+            thr.axhline(engine, color="grey", ls=":", lw=1)
+            thr.annotate(f"engine offline, {threads} thr", (1, engine), fontsize=6, va="bottom")
+    clients = [lv["concurrency"] for lv in reports[0]["levels"]]
     for ax in (lat, thr):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
+        ax.set_xticks(clients, [str(c) for c in clients])
+        ax.set_xlabel("concurrent single-image clients")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    lat.set_ylabel("latency, s")
+        ax.legend(fontsize=6)
+    lat.set_ylabel("p99 latency, s")
     thr.set_ylabel("images/s")
     thr.set_ylim(bottom=0)
     fig.tight_layout()
@@ -68,16 +81,16 @@ def service_plot(report: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--engine", type=Path)
-    p.add_argument("--service", type=Path)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", type=Path, nargs="*", default=[])
+    p.add_argument("--service", type=Path, nargs="*", default=[])
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.engine:
-        engine_plot(json.loads(args.engine.read_text()), args.out / "perf_engine_throughput.png")
+        engine_plot([json.loads(f.read_text()) for f in args.engine], args.out / "perf_engine_throughput.png")
     if args.service:
-        service_plot(json.loads(args.service.read_text()), args.out / "perf_service_latency.png")
+        service_plot([json.loads(f.read_text()) for f in args.service], args.out / "perf_service_latency.png")
     return 0
 
 
