@@ -60,8 +60,10 @@ else
     SERVICE=(-c 1 8 16 32 64 -n 64 --per-client 4)
 fi
 
-# Typical total on an H200: 5-6 minutes; the limits add up to 590 s, the order is by importance (each step
+# Typical total on an H200: 5-6 minutes; the limits add up to 580 s, the order is by importance (each step
 # writes its JSON when it ends, so a cut-off run still returns the earlier ones).
+# 0. no host/device sync inside the trajectory loop (torch.cuda.set_sync_debug_mode("error")).
+step sync_check 40 $PY benchmarks/sync_check.py
 # 1. shipped model: default precision (bf16 autocast on CUDA) by batch size up to the memory limit, the
 #    naive peer, and fp32 / fp16 / channels_last beside the default.
 step engine_small 150 $PY benchmarks/engine_bench.py --device "$DEVICE" --images "$DATA/celeba" "${SMALL[@]}" \
@@ -70,13 +72,13 @@ step engine_small 150 $PY benchmarks/engine_bench.py --device "$DEVICE" --images
 step engine_256 150 $PY benchmarks/engine_bench.py --device "$DEVICE" --images "$DATA/celeba" "${BIG[@]}" \
     --json "$OUT/engine_256.json"
 # 3. what bf16 / fp16 autocast does to features, scores, verdicts and AUROC (shipped model, real weights).
-step precision 50 $PY benchmarks/precision_check.py --device "$DEVICE" --dtypes bfloat16 float16 \
+step precision 40 $PY benchmarks/precision_check.py --device "$DEVICE" --dtypes bfloat16 float16 \
     --normal "$DATA/celeba" --ood "$DATA/cifar10" "${PREC[@]}" --json "$OUT/precision.json"
 # 4. the service on the GPU: batching on vs DDM_MAX_BATCH_SIZE=1, and the engine alone for the ratios.
 step service 150 $PY benchmarks/service_load.py --serve --env DDM_DEVICE="$DEVICE" \
     --compare DDM_MAX_BATCH_SIZE=1 --engine-reference --images "$DATA/celeba" "${SERVICE[@]}" \
     --json "$OUT/service.json"
 # 5. torch.compile of the shipped UNet (compile time is the warm-up column), last: it may not finish.
-step compile 80 $PY benchmarks/engine_bench.py --device "$DEVICE" --images "$DATA/celeba" "${COMPILE[@]}" \
+step compile 60 $PY benchmarks/engine_bench.py --device "$DEVICE" --images "$DATA/celeba" "${COMPILE[@]}" \
     --json "$OUT/engine_compile.json"
 ls -l "$OUT" | tee -a "$LOG"
