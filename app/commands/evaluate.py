@@ -63,8 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cache",
         type=Path,
-        help="folder for per-set feature caches (.npz keyed by model, options and files): re-runs and "
-        "role swaps (another ID set) skip the model",
+        help="folder for per-set feature caches (.npz keyed by model, options and the exact file list): "
+        "a re-run with the same sets skips the model",
     )
     p.set_defaults(func=run)
 
