@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 
 
@@ -33,3 +35,28 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def send_chunks_until_answered(
+    sock: socket.socket, max_bytes: int, chunk_size: int = 16 * 1024
+) -> tuple[int, bytes]:
+    """Stream a chunked body on ``sock`` (headers already sent) until the server answers or ``max_bytes``
+    went out; returns (bytes sent, first bytes of the answer). A server cutting the upload short shows as
+    an early answer or a reset connection, never as the whole body read."""
+    chunk = b"%x\r\n%s\r\n" % (chunk_size, b"z" * chunk_size)
+    sent, first = 0, b""
+    try:
+        for _ in range(max_bytes // chunk_size):
+            sock.sendall(chunk)
+            sent += chunk_size
+            sock.settimeout(0.01)
+            try:
+                first = sock.recv(65536)
+            except TimeoutError:
+                continue
+            if first:
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    sock.settimeout(30)
+    return sent, first

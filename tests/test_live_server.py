@@ -22,6 +22,7 @@ import pytest
 from app.client import AnomalyClient, AsyncAnomalyClient, ServiceError
 from tests.conftest import LiveServer
 from tests.helpers import DATA as SHARED_DATA
+from tests.reliability_helpers import send_chunks_until_answered
 
 pytestmark = [pytest.mark.slow, pytest.mark.live]
 
@@ -193,25 +194,9 @@ def test_chunked_body_over_the_cap_is_cut_off_while_streaming(small: LiveServer)
         f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
         "Transfer-Encoding: chunked\r\n\r\n"
     ).encode()
-    chunk = b"%x\r\n%s\r\n" % (16 * 1024, b"z" * 16 * 1024)
-    sent = 0
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(head)
-        answer = b""
-        try:
-            for _ in range(640):  # up to 10 MiB against a 64 KiB cap
-                sock.sendall(chunk)
-                sent += 16 * 1024
-                sock.settimeout(0.02)
-                try:
-                    answer = sock.recv(65536)
-                except TimeoutError:
-                    continue
-                if answer:
-                    break
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        sock.settimeout(30)
+        sent, answer = send_chunks_until_answered(sock, 10 * 1024 * 1024)  # 10 MiB against a 64 KiB cap
         while b"\r\n\r\n" not in answer:
             more = sock.recv(65536)
             if not more:

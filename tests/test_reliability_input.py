@@ -35,7 +35,7 @@ from hypothesis.errors import Unsatisfiable
 
 from tests import hostile_media as media
 from tests.conftest import LiveServer
-from tests.reliability_helpers import moved, samples
+from tests.reliability_helpers import moved, samples, send_chunks_until_answered
 
 pytestmark = [pytest.mark.slow, pytest.mark.live]
 
@@ -154,23 +154,9 @@ def chunked_over_cap(url: str) -> Answer:
         f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
         "Content-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
     ).encode()
-    chunk = b"%x\r\n%s\r\n" % (16 * 1024, b"z" * 16 * 1024)
-    sent, first = 0, b""
     with _socket_for(url) as sock:
         sock.sendall(head)
-        try:
-            for _ in range(8 * CAP_BYTES // (16 * 1024)):
-                sock.sendall(chunk)
-                sent += 16 * 1024
-                sock.settimeout(0.01)
-                try:
-                    first = sock.recv(65536)
-                except TimeoutError:
-                    continue
-                if first:
-                    break
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        sent, first = send_chunks_until_answered(sock, 8 * CAP_BYTES)
         STREAMED["chunked"] = sent
         return _read_answer(sock, first)
 
