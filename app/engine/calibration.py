@@ -8,6 +8,7 @@ id and the feature options it was fitted with. ``load`` refuses a profile made f
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -144,10 +145,14 @@ class KernelDensity1D:
         z = (x - mean) / scale
         return cls(mean, scale, z, float(len(z) ** (-1 / 5)))
 
+    @functools.cached_property
+    def _kde(self) -> KernelDensity:
+        # built once per loaded profile, not on every scored batch
+        return KernelDensity(bandwidth=self.bandwidth).fit(self.points[:, None])
+
     def log_density(self, features: np.ndarray) -> np.ndarray:
-        kde = KernelDensity(bandwidth=self.bandwidth).fit(self.points[:, None])
         z = (features[:, 0] - self.mean) / self.scale
-        return kde.score_samples(z[:, None]) - math.log(self.scale)
+        return self._kde.score_samples(z[:, None]) - math.log(self.scale)
 
     def to_dict(self) -> dict[str, Any]:
         return {
