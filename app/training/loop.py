@@ -28,6 +28,8 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
+from app.engine.model_loading import ModelLoadError
+from app.engine.model_loading import resolve_device as engine_device
 from app.errors import InvalidInput
 from app.training import checkpoint as ckpt
 from app.training.data import BatchSampler, load_image_folders, to_model_input
@@ -96,11 +98,11 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InvalidInput("--device cuda asked for, but CUDA is not available")
-    return torch.device(name)
+    """The engine's device choice, reported as a usage error (the commands print it, no traceback)."""
+    try:
+        return engine_device(name)
+    except ModelLoadError as exc:
+        raise InvalidInput(str(exc)) from exc
 
 
 def _jsonable(value: Any) -> Any:
