@@ -1,7 +1,8 @@
 """The batcher's contract (app/service/batcher.py docstring), with a fake scoring function and no model.
 
 A gate (threading.Event) holds the worker inside a batch so the tests decide what is queued meanwhile;
-nothing here depends on how fast the machine is.
+with several model instances, barriers and events order the workers. Nothing here depends on how fast
+the machine is.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ class FakeEngine:
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()  # set when a batch has started (worker is inside fn)
+        self.calls = threading.Semaphore(0)  # released once per call: counts workers inside fn
         self.oom_above = oom_above
         self.fail_on = fail_on
 
     def __call__(self, items: list[int]) -> list[int]:
         self.threads.add(threading.get_ident())
         self.entered.set()
+        self.calls.release()
         assert self.gate.wait(WAIT)
         if self.oom_above is not None and len(items) > self.oom_above:
             raise DeviceOutOfMemory(f"fake OOM on {len(items)}")
@@ -68,6 +71,7 @@ def make(engine: FakeEngine, **kwargs: float) -> DynamicBatcher[int, int]:
         max_batch_delay_s=float(options["max_batch_delay_s"]),
         max_queue_items=int(options["max_queue_items"]),
         metrics=Metrics(CollectorRegistry()),
+        instances=int(options.get("instances", 1)),
     )
     batcher.start()
     return batcher
@@ -312,3 +316,125 @@ def test_metrics_move_with_the_work(engine, batcher) -> None:
     assert sample(m, "anomaly_queue_wait_seconds_count") == 11
     assert sample(m, "anomaly_queue_images") == 0
     assert sample(m, "anomaly_inflight_batches") == 0
+
+
+# --- several model instances (worker threads sharing one queue) -----------------------------------------
+
+
+def test_two_instances_run_two_batches_at_the_same_time() -> None:
+    both_inside = threading.Barrier(2, timeout=WAIT / 2)  # one worker alone would break it
+    threads: set[int] = set()
+
+    def fn(items: list[int]) -> list[int]:
+        threads.add(threading.get_ident())
+        both_inside.wait()
+        return [2 * x for x in items]
+
+    b: DynamicBatcher[int, int] = DynamicBatcher(
+        fn, max_batch_size=2, max_batch_delay_s=3600.0, max_queue_items=8, instances=2
+    )
+    b.start()
+    try:
+        first, second = b.submit([1, 2]), b.submit([3, 4])  # two full batches: no delay involved
+        assert first.result(WAIT).outputs == [2, 4] and second.result(WAIT).outputs == [6, 8]
+        assert len(threads) == 2
+        assert sample(b.metrics, "anomaly_model_instances") == 2
+    finally:
+        b.close(timeout=WAIT)
+
+
+def test_request_over_batches_of_different_instances_keeps_request_order() -> None:
+    later_batch_done = threading.Event()
+    finished: list[int] = []  # first item of each batch, in the order the batches finished
+    threads: dict[int, int] = {}
+
+    def fn(items: list[int]) -> list[int]:
+        threads[items[0]] = threading.get_ident()
+        if items[0] == 0:  # the request's first batch finishes only after its second one
+            assert later_batch_done.wait(WAIT)
+        finished.append(items[0])
+        if items[0] == 4:
+            later_batch_done.set()
+        return [2 * x for x in items]
+
+    b: DynamicBatcher[int, int] = DynamicBatcher(
+        fn, max_batch_size=4, max_batch_delay_s=0.0, max_queue_items=16, instances=2
+    )
+    b.start()
+    try:
+        done = b.submit(list(range(10))).result(WAIT)
+        assert done.outputs == [2 * x for x in range(10)]
+        assert done.batches == 3
+        assert finished.index(4) < finished.index(0)
+        assert threads[0] != threads[4]
+    finally:
+        b.close(timeout=WAIT)
+
+
+def test_close_drains_with_every_instance_busy_and_stops_them_all() -> None:
+    engine = FakeEngine()
+    b = make(engine, instances=3, max_batch_size=1)
+    engine.hold()
+    running = [b.submit([x]) for x in (-1, -2, -3)]
+    for _ in range(3):  # all three workers held at the gate
+        assert engine.calls.acquire(timeout=WAIT)
+    queued = [b.submit([x, x + 1]) for x in (10, 20, 30, 40)]
+    closer = threading.Thread(target=b.close, kwargs={"drain": True, "timeout": WAIT})
+    closer.start()
+    while not b.closed:
+        time.sleep(0.001)
+    with pytest.raises(ModelNotReady):
+        b.submit([1])
+    engine.gate.set()
+    closer.join(WAIT)
+    assert not closer.is_alive()
+    assert not any(t.is_alive() for t in b._threads) and len(b._threads) == 3
+    assert [f.result(0).outputs for f in running] == [[-2], [-4], [-6]]
+    assert [f.result(0).outputs for f in queued] == [[20, 22], [40, 42], [60, 62], [80, 82]]
+    assert len(engine.threads) == 3
+
+
+def test_many_requests_on_four_instances_keep_every_count_exact() -> None:
+    engine = FakeEngine()
+    b = make(engine, instances=4, max_batch_size=3, max_queue_items=512, max_batch_delay_s=0.0)
+    try:
+        sizes = [1 + (7 * i) % 9 for i in range(60)]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        futures = [b.submit(list(range(s, s + n))) for s, n in zip(starts, sizes, strict=True)]
+        for future, s, n in zip(futures, starts, sizes, strict=True):
+            assert future.result(WAIT).outputs == [2 * x for x in range(s, s + n)]
+        total = sum(sizes)
+        assert sorted(engine.seen) == list(range(total))
+        assert sample(b.metrics, "anomaly_images_total", outcome="scored") == total
+        assert sample(b.metrics, "anomaly_batch_size_sum") == total
+        assert sample(b.metrics, "anomaly_queue_wait_seconds_count") == total
+        assert sample(b.metrics, "anomaly_inflight_batches") == 0
+    finally:
+        b.close(timeout=WAIT)
+
+
+def test_out_of_memory_split_with_two_instances() -> None:
+    engine = FakeEngine(oom_above=2)
+    b = make(engine, instances=2, max_batch_size=8, max_queue_items=32)
+    try:
+        futures = [b.submit(list(range(8))), b.submit(list(range(10, 18)))]
+        assert futures[0].result(WAIT).outputs == [2 * x for x in range(8)]
+        assert futures[1].result(WAIT).outputs == [2 * x for x in range(10, 18)]
+        assert b.safe_batch_size == 2
+        assert sample(b.metrics, "anomaly_safe_batch_size") == 2
+    finally:
+        b.close(timeout=WAIT)
+
+
+def test_retry_after_counts_every_instance() -> None:
+    engine = FakeEngine()
+    one, two = make(engine), make(engine, instances=2)
+    try:
+        for b in (one, two):
+            b._rate = 2.0  # images/s of one instance
+            b._queue.extend([None] * 8)  # type: ignore[list-item]  # only the length matters here
+        assert one._retry_after(8) == 8 and two._retry_after(8) == 4
+    finally:
+        for b in (one, two):
+            b._queue.clear()
+            b.close(timeout=WAIT)

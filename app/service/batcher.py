@@ -1,21 +1,29 @@
-"""Dynamic batching: many requests' items share model calls on one worker thread (Triton/Ray Serve style).
+"""Dynamic batching: many requests' items share model calls on worker threads (Triton/Ray Serve style).
 
 Contract of :class:`DynamicBatcher`:
 
-* ``fn(batch) -> outputs`` is called only from the batcher's one worker thread, with ``1 <= len(batch) <=
-  max_batch_size`` items (never empty), and must return one output per item, in order.
-* A batch closes when it holds ``max_batch_size`` items, or ``max_batch_delay_s`` after its oldest item
-  entered the queue, whichever comes first. The worker sleeps on a condition; nothing polls.
+* ``fn(batch) -> outputs`` is called only from the batcher's worker threads, one per model instance
+  (``instances``, Triton's ``instance_group { count }``), with ``1 <= len(batch) <= max_batch_size`` items
+  (never empty), and must return one output per item, in order. With ``instances > 1``, ``fn`` runs on
+  several batches at the same time and must be safe for concurrent calls.
+* The workers share one FIFO queue: a free worker takes the next batch that closes. A batch closes when it
+  holds ``max_batch_size`` items, or ``max_batch_delay_s`` after its oldest item entered the queue,
+  whichever comes first. Workers sleep on a condition; nothing polls.
 * The queue holds at most ``max_queue_items`` waiting items. ``submit`` refuses a request that does not
   fit at once with :class:`Overloaded` (carrying a retry-after estimate); nothing waits for room.
-* A request with more items than a batch spreads over consecutive batches; its future resolves once, with
-  all outputs in request order (or with the first error).
+* A request with more items than a batch spreads over consecutive batches, which different workers may
+  run at the same time and finish in any order; its future resolves once, with all outputs in request
+  order (or with the first error).
 * A request whose future is cancelled (client gone) or whose deadline passed leaves the queue before any of
   its remaining items are computed; the deadline fails it with :class:`DeadlineExceeded`.
 * An exception from ``fn`` fails every request with an item in that batch, and only those. A
   :class:`DeviceOutOfMemory` instead splits the batch in halves and retries them; the size that worked is
   remembered as the new batch limit (``safe_batch_size``) until restart.
-* ``close(drain=True)`` refuses new work, computes everything already queued, then stops the worker.
+* ``close(drain=True)`` refuses new work, computes everything already queued, then stops every worker.
+
+All bookkeeping shared between workers (requests' outputs and counters, the rate and safe-size estimates,
+the queue) changes under the one condition lock; ``fn`` runs outside it, and futures are resolved outside
+it too (their callbacks may take it).
 """
 
 from __future__ import annotations
@@ -80,7 +88,8 @@ class _Entry(Generic[T, R]):
 
 
 class DynamicBatcher(Generic[T, R]):
-    """Queue items from many requests and run them through ``fn`` in batches on one worker thread."""
+    """Queue items from many requests and run them through ``fn`` in batches on ``instances`` worker
+    threads."""
 
     def __init__(
         self,
@@ -91,28 +100,35 @@ class DynamicBatcher(Generic[T, R]):
         max_queue_items: int,
         metrics: Metrics | None = None,
         name: str = "model",
+        instances: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_queue_items < 1 or max_batch_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue_items must be >= 1, the delay >= 0")
+        if max_batch_size < 1 or max_queue_items < 1 or max_batch_delay_s < 0 or instances < 1:
+            raise ValueError("max_batch_size, max_queue_items and instances must be >= 1, the delay >= 0")
         self._fn = fn
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue_items = max_queue_items
         self.metrics = metrics if metrics is not None else Metrics()
         self.name = name
+        self.instances = instances
         self._queue: deque[_Entry[T, R]] = deque()
         self._cond = threading.Condition()  # RLock inside: future callbacks may re-enter from this thread
         self._closed = False
         self._safe_size = max_batch_size
-        self._rate = 0.0  # items/s, moving average over batches (for Retry-After)
-        self._thread: threading.Thread | None = None
+        self._rate = 0.0  # items/s of one instance, moving average over batches (for Retry-After)
+        self._threads: list[threading.Thread] = []
         self.metrics.safe_batch_size.set(max_batch_size)
+        self.metrics.model_instances.set(instances)
 
     # --- any thread -------------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name=f"batcher-{self.name}", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            self._threads = [
+                threading.Thread(target=self._loop, name=f"batcher-{self.name}-{i}", daemon=True)
+                for i in range(self.instances)
+            ]
+            for thread in self._threads:
+                thread.start()
 
     @property
     def queued(self) -> int:
@@ -178,19 +194,19 @@ class DynamicBatcher(Generic[T, R]):
 
     def close(self, drain: bool = True, timeout: float | None = None) -> bool:
         """Refuse new work; compute what is queued (``drain``) or fail it with ModelNotReady. Returns
-        False when the worker did not finish within ``timeout`` seconds."""
+        False when the workers did not finish within ``timeout`` seconds (shared by all of them)."""
         with self._cond:
             self._closed = True
-            dropped = [] if drain and self._thread is not None else self._take_all()
+            dropped = [] if drain and self._threads else self._take_all()
             self._cond.notify_all()
         if dropped:
             self.metrics.images.labels(outcome="failed").inc(len(dropped))
         for request in {e.request for e in dropped}:
             _settle(request.future, ModelNotReady("the service shut down before this request was computed"))
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        end = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
     # --- bookkeeping ----------------------------------------------------------------------------------
     def _forget(self, request: _Request[T, R]) -> None:
@@ -228,9 +244,11 @@ class DynamicBatcher(Generic[T, R]):
     def _retry_after(self, n: int) -> float:
         if self._rate <= 0:
             return 1.0
-        return float(min(60, max(1, math.ceil((len(self._queue) + n) / self._rate))))
+        # A full queue keeps every instance busy, and each batch's rate was measured while the others ran.
+        rate = self._rate * self.instances
+        return float(min(60, max(1, math.ceil((len(self._queue) + n) / rate))))
 
-    # --- the worker thread ----------------------------------------------------------------------------
+    # --- the worker threads ---------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             batch = self._next_batch()
@@ -253,6 +271,8 @@ class DynamicBatcher(Generic[T, R]):
                         wait = self._queue[0].enqueued + self.max_batch_delay_s - time.monotonic()
                         if len(self._queue) >= limit or wait <= 0 or self._closed:
                             batch = self._take(limit)
+                            if self._queue:  # submit woke one worker; an idle one may take the rest
+                                self._cond.notify()
                             if batch:
                                 return batch
                             continue
@@ -268,15 +288,17 @@ class DynamicBatcher(Generic[T, R]):
 
     def _execute(self, batch: list[_Entry[T, R]]) -> None:
         started = time.monotonic()
-        for entry in batch:
-            self.metrics.queue_wait.observe(started - entry.enqueued)
-            if entry.request.started is None:
-                entry.request.started = started
-        self.metrics.inflight_batches.inc()
+        with self._cond:
+            for entry in batch:
+                self.metrics.queue_wait.observe(started - entry.enqueued)
+                if entry.request.started is None:
+                    entry.request.started = started
+            self.metrics.inflight_batches.inc()
         try:
             self._compute(batch)
         finally:
-            self.metrics.inflight_batches.dec()
+            with self._cond:
+                self.metrics.inflight_batches.dec()
 
     def _compute(self, batch: list[_Entry[T, R]]) -> None:
         """Run one batch; on device OOM split it in halves and retry each (recursively)."""
@@ -291,9 +313,10 @@ class DynamicBatcher(Generic[T, R]):
                 self._fail_batch(batch, exc)
                 return
             half = len(batch) // 2
-            self._safe_size = min(self._safe_size, half)
-            self.metrics.safe_batch_size.set(self._safe_size)
-            self.metrics.oom_splits.inc()
+            with self._cond:
+                self._safe_size = min(self._safe_size, half)
+                self.metrics.safe_batch_size.set(self._safe_size)
+                self.metrics.oom_splits.inc()
             log.warning("device out of memory on a batch of %d; retrying as %d + %d", len(batch), half,
                         len(batch) - half)  # fmt: skip
             self._compute(batch[:half])
@@ -303,28 +326,32 @@ class DynamicBatcher(Generic[T, R]):
             self._fail_batch(batch, exc)
             return
         elapsed = time.monotonic() - t0
-        self.metrics.batch_compute.observe(elapsed)
-        self.metrics.batch_size.observe(len(batch))
-        self.metrics.images.labels(outcome="scored").inc(len(batch))
-        if elapsed > 0:
-            rate = len(batch) / elapsed
-            self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
-        for request in {e.request for e in batch}:
-            request.compute_s += elapsed
-            request.batches += 1
-        for entry, output in zip(batch, outputs, strict=True):
-            request = entry.request
-            request.outputs[entry.index] = output
-            request.remaining -= 1
-            if request.remaining == 0 and request.started is not None:
-                result: Completed[R] = Completed(
-                    cast(list[R], list(request.outputs)),  # all filled by now
-                    request.started - request.submitted,
-                    request.compute_s,
-                    request.batches,
-                )
-                with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
-                    request.future.set_result(result)
+        finished: list[tuple[_Request[T, R], Completed[R]]] = []
+        with self._cond:  # another worker may be finishing a batch of the same request right now
+            self.metrics.batch_compute.observe(elapsed)
+            self.metrics.batch_size.observe(len(batch))
+            self.metrics.images.labels(outcome="scored").inc(len(batch))
+            if elapsed > 0:
+                rate = len(batch) / elapsed
+                self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+            for request in {e.request for e in batch}:
+                request.compute_s += elapsed
+                request.batches += 1
+            for entry, output in zip(batch, outputs, strict=True):
+                request = entry.request
+                request.outputs[entry.index] = output
+                request.remaining -= 1
+                if request.remaining == 0 and request.started is not None:
+                    result = Completed(
+                        cast(list[R], list(request.outputs)),  # all filled by now
+                        request.started - request.submitted,
+                        request.compute_s,
+                        request.batches,
+                    )
+                    finished.append((request, result))
+        for request, result in finished:
+            with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+                request.future.set_result(result)
 
     def _fail_batch(self, batch: list[_Entry[T, R]], exc: Exception) -> None:
         requests = {e.request for e in batch}

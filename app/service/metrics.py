@@ -77,6 +77,11 @@ class Metrics:
         self.safe_batch_size = Gauge(
             "anomaly_safe_batch_size", "Largest batch size known to fit device memory", registry=r
         )
+        self.model_instances = Gauge(
+            "anomaly_model_instances",
+            "Batcher workers each running model batches concurrently (DDM_MODEL_INSTANCES)",
+            registry=r,
+        )
         self.oom_splits = Counter(
             "anomaly_oom_splits", "Batches split after device out-of-memory", registry=r
         )
