@@ -29,6 +29,13 @@ class Settings(BaseSettings):
     )
     default_profile: str = "default"
     torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads; None = torch default")
+    model_instances: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="batches computed at the same time, each by its own worker thread on the one shared "
+        "model (Triton's instance_group count); on CPU each uses DDM_TORCH_THREADS threads",
+    )
     warmup: bool = True
 
     # --- batching ----------------------------------------------------------------------------------

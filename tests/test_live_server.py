@@ -1,9 +1,10 @@
 """Against real uvicorn processes with the shipped model: concurrency and batching, metrics, auth, cancelled
-clients, overload, deadlines, the streaming byte cap and SIGTERM draining.
+clients, overload, deadlines, the streaming byte cap, model instances and SIGTERM draining.
 
-Two servers for the module: ``main`` (default batching, API keys) and ``small`` (batch 2, queue 4, 64 KiB
-bodies, a shutdown delay; the last test stops it with SIGTERM). They share one profiles folder, and the
-"faces" profile is created through the API from 12 CelebA images.
+Three servers for the module: ``main`` (default batching, API keys), ``two_instances`` (two model
+instances, batch 4) and ``small`` (batch 2, queue 4, 64 KiB bodies, a shutdown delay; the last test stops
+it with SIGTERM). They share one profiles folder, and the "faces" profile is created through the API
+from 12 CelebA images.
 """
 
 from __future__ import annotations
@@ -151,6 +152,33 @@ async def test_disconnected_client_is_dropped_before_compute(main: LiveServer) -
         after = await client.metrics()
     assert _delta(before, after, 'anomaly_images_total{outcome="scored"}') == 32  # never the 3
     assert _delta(before, after, 'anomaly_refusals_total{reason="cancelled"}') == 1
+
+
+# --- two model instances -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_instances(
+    main: LiveServer, live_server_module: Callable[..., LiveServer], profiles_dir: Path
+) -> LiveServer:
+    return live_server_module(
+        {"DDM_PROFILES_DIR": str(profiles_dir), "DDM_MODEL_INSTANCES": "2", "DDM_MAX_BATCH_SIZE": "4"}
+    )
+
+
+async def test_two_model_instances_score_as_one(main: LiveServer, two_instances: LiveServer) -> None:
+    images, ids = faces(0, 12), [f"img{i}" for i in range(12)]
+    async with AsyncAnomalyClient(main.url, api_key=KEY) as one:
+        expected = [r.score for r in (await one.score(images, profile=PROFILE)).results]
+        assert metric(await one.metrics(), "anomaly_model_instances") == 1
+    async with AsyncAnomalyClient(two_instances.url) as two:
+        before = await two.metrics()
+        spread = await two.score(images, ids=ids, profile=PROFILE)  # batches of 4 on both workers
+        singles = await asyncio.gather(*(two.score([images[i]], profile=PROFILE) for i in range(12)))
+        after = await two.metrics()
+    assert metric(after, "anomaly_model_instances") == 2
+    assert spread.timings.batches == 3 and [r.id for r in spread.results] == ids
+    assert [r.score for r in spread.results] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    assert [s.results[0].score for s in singles] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    assert _delta(before, after, "anomaly_batch_size_sum") == 24
 
 
 # --- the small server ------------------------------------------------------------------------------------

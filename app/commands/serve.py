@@ -38,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, help="DDM_MAX_BATCH_SIZE")
     p.add_argument("--max-batch-delay-ms", type=float, help="DDM_MAX_BATCH_DELAY_MS")
     p.add_argument("--torch-threads", type=int, help="DDM_TORCH_THREADS")
+    p.add_argument("--model-instances", type=int, help="DDM_MODEL_INSTANCES")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="DDM_LOG_LEVEL")
     p.set_defaults(func=run)
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from app.web.app import create_app
 
     fields = ("host", "port", "model_dir", "profiles_dir", "device", "dtype", "max_batch_size",
-              "max_batch_delay_ms", "torch_threads", "log_level")  # fmt: skip
+              "max_batch_delay_ms", "torch_threads", "model_instances", "log_level")  # fmt: skip
     overrides = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
     try:
         settings = Settings(**overrides)

@@ -1,7 +1,11 @@
 """The engine object the service and the CLI hold: ``load()`` -> ``ready`` -> ``run(batch)``.
 
-``run`` must be called from one thread per device (the batcher's worker); ``decode``/``prepare`` are
-thread-safe and meant for other threads. Nothing here knows about HTTP.
+After ``load()``, ``run`` may be called from several threads at once (the batcher's model instances):
+the model is only read (weights, schedule; no scheduler object), each call builds its own tensors and noise
+generators, inference mode and autocast are thread-local, and the SSIM operators are cached read-only
+tensors (a racing first call only builds one twice). Torch releases the GIL inside operators, so concurrent
+calls use separate cores, each with the process's ``torch_threads`` intra-op threads. ``decode``/``prepare``
+are thread-safe and meant for other threads. Nothing here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ class Scorer:
             }
         return {"max_rss": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}
 
-    # --- the model thread ------------------------------------------------------------------------------
+    # --- the model threads -----------------------------------------------------------------------------
     def run(self, batch: Sequence[PreparedImage]) -> list[ImageStats]:
         """Statistics for every image of the batch under the configured method, in order."""
         return self.run_methods(batch, (self.options.method,))[self.options.method]

@@ -1,8 +1,8 @@
 """The data plane: engine + profiles + batcher + metrics behind plain async methods (no HTTP here).
 
 Routes call :class:`ScoringService`; it decodes uploads on a small thread pool, queues the decoded images
-on the batcher (whose worker thread is the only caller of the engine's ``run``), judges the results
-against a calibration profile and counts everything.
+on the batcher (whose ``model_instances`` worker threads are the only callers of the engine's ``run``),
+judges the results against a calibration profile and counts everything.
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ class ScoringService:
             max_batch_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue_items=settings.max_queue_images,
             metrics=metrics,
+            instances=settings.model_instances,
         )
         self.state: State = "loading"
         self.failure: str | None = None
