@@ -45,27 +45,44 @@ def engine_plot(reports: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def service_settings(reports: list[dict]) -> list[dict]:
+    """Every server setting of the runs: a run is one setting (older files) or holds a list of them."""
+    return [setting for report in reports for setting in report.get("settings", [report])]
+
+
 def service_plot(reports: list[dict], out: Path) -> None:
     fig, (lat, thr) = plt.subplots(1, 2, figsize=(8.5, 3.5), dpi=100)
-    colors = iter(("C0", "C1", "C2", "C3", "C4", "C5"))
-    for report in reports:
-        threads = report["server_env"].get("DDM_TORCH_THREADS", "default")
-        runs = [("batching", report["levels"])]
-        if report.get("compare"):
-            runs.append(("max batch 1", report["compare"]["levels"]))
+    colors = iter(f"C{i}" for i in range(10))
+    engines: set[float] = set()
+    settings = service_settings(reports)
+    for setting in settings:
+        env = setting["server_env"]
+        label = f"{env.get('DDM_TORCH_THREADS', 'default')} thr"
+        if int(env.get("DDM_MODEL_INSTANCES", "1")) > 1:
+            label += f" x {env['DDM_MODEL_INSTANCES']} inst"
+        runs = [("batching", setting["levels"])]
+        if setting.get("compare"):
+            runs.append(("max batch 1", setting["compare"]["levels"]))
         for name, levels in runs:
             color = next(colors)
             clients = [lv["concurrency"] for lv in levels]
-            label = f"{name}, {threads} thr"
             lat.plot(
-                clients, [lv["latency_s"]["p99"] for lv in levels], "^-", color=color, label=f"{label} p99"
+                clients, [lv["latency_s"]["p99"] for lv in levels], "^-", color=color,
+                label=f"{name}, {label} p99",
+            )  # fmt: skip
+            thr.plot(
+                clients,
+                [lv["throughput_img_s"] for lv in levels],
+                "o-",
+                color=color,
+                label=f"{name}, {label}",
             )
-            thr.plot(clients, [lv["throughput_img_s"] for lv in levels], "o-", color=color, label=label)
-        engine = report.get("summary", {}).get("engine_img_s")
-        if engine:
+        engine = setting.get("summary", {}).get("engine_img_s")
+        if engine and engine not in engines:
+            engines.add(engine)
             thr.axhline(engine, color="grey", ls=":", lw=1)
-            thr.annotate(f"engine offline, {threads} thr", (1, engine), fontsize=6, va="bottom")
-    clients = [lv["concurrency"] for lv in reports[0]["levels"]]
+            thr.annotate("engine offline (best)", (1, engine), fontsize=6, va="bottom")
+    clients = [lv["concurrency"] for lv in settings[0]["levels"]]
     for ax in (lat, thr):
         ax.set_xscale("log", base=2)
         ax.set_xticks(clients, [str(c) for c in clients])
