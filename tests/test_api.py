@@ -507,3 +507,11 @@ def test_profile_creation_waits_for_room_in_a_full_queue(
 def make_profile_response(client: TestClient, name: str) -> httpx.Response:
     files = [("files", (f"ref{i}.png", png(100 + i), "image/png")) for i in range(12)]
     return client.post("/v1/profiles", data={"name": name}, files=files)
+
+
+def test_model_instances_show_in_metrics_and_oversubscription_is_logged(
+    tmp_path: Path, fake: FakeScorer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING"), running(tmp_path, fake, model_instances=2, torch_threads=4096) as c:
+        assert "anomaly_model_instances 2.0" in c.get("/metrics").text
+    assert any("2 model instances x 4096 torch threads" in r.getMessage() for r in caplog.records)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -137,6 +138,7 @@ class ScoringService:
             self.state = "failed"
             log.error("model failed to load from %s: %s", self.settings.model_dir, self.failure)
             return
+        self._check_cpu_budget(info.device)
         self.batcher.start()
         self.metrics.model_info.labels(
             model_id=info.model_id, device=info.device, dtype=info.dtype, method=self.engine.options.method
@@ -146,6 +148,17 @@ class ScoringService:
             self.metrics.ready.set(1)
         log.info("model %s ready on %s in %.1f s (profiles: %s)", info.model_id, info.device,
                  time.monotonic() - started, ", ".join(loaded) or "none")  # fmt: skip
+
+    def _check_cpu_budget(self, device: str) -> None:
+        """Warn when instances x torch threads oversubscribe the CPUs: OpenMP threads then wait at every
+        operator's barrier for a descheduled sibling, the slowest case in PERFORMANCE.md."""
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = (self.settings.torch_threads or cpus) * self.settings.model_instances
+        if device == "cpu" and threads > cpus:
+            log.warning("%d model instances x %d torch threads = %d threads on %d CPUs; set "
+                        "DDM_TORCH_THREADS x DDM_MODEL_INSTANCES to the CPUs the service has to itself",
+                        self.settings.model_instances, threads // self.settings.model_instances, threads,
+                        cpus)  # fmt: skip
 
     @property
     def ready(self) -> bool:
