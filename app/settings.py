@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     )
     method: Literal["diffpath-v2", "diffpath-6d", "diffpath-1d", "reconstruction"] = "diffpath-v2"
     steps: int = Field(10, ge=2, le=1000, description="trajectory steps K (UNet evaluations per image)")
+    aggregation: Literal["sum", "per-step"] = Field(
+        "per-step",
+        description="path features: per-step log energies (2K - 1 values) or METHOD.md's six sums over steps",
+    )
     profiles_dir: Path | None = Field(
         None, description="where calibration profiles live; default <model_dir>/profiles"
     )

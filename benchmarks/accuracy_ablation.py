@@ -1,10 +1,12 @@
 """Ablation of METHOD.md's options on ../shared/data: which defaults detect best.
 
-Feature-changing options that share a trajectory (SSIM weighting form, lambda, SSIM target, sigma scaling)
-are computed from ONE walk per batch with one accumulator per variant; K and the trajectory mode need
-their own walks; density options (mixture size, covariance) are refitted on cached features.
+Feature-changing options that share a trajectory (SSIM weighting form, lambda, SSIM target, sigma scaling,
+and the aggregation of the per-step sums: six sums or per-step energies) are computed from ONE walk per
+batch with one accumulator per variant; K, the time range and the trajectory mode need their own walks;
+density options (mixture size, covariance) are refitted on cached features.
 
     python benchmarks/accuracy_ablation.py --data ../shared/data --fit-limit 500 --limit 300 --json out.json
+    python benchmarks/accuracy_ablation.py --walks 10:1.0:ddim 10:0.5:ddim 20:1.0:ddim --json out.json
 """
 
 from __future__ import annotations
@@ -42,14 +44,19 @@ WALK_VARIANTS: dict[str, MethodOptions] = {
 }
 
 
-def walk_features(scorer: Scorer, paths: list[Path], steps: int, trajectory: str, batch: int = 64) -> dict:
-    """{variant name: (N, 6) features} from one trajectory walk per batch."""
+AGGREGATIONS = ("sum", "per-step")
+
+
+def walk_features(
+    scorer: Scorer, paths: list[Path], steps: int, t_max: float, trajectory: str, batch: int = 64
+) -> dict[tuple[str, str], np.ndarray]:
+    """{(variant name, aggregation): (N, D) features} from one trajectory walk per batch."""
     model = scorer.model
-    out: dict[str, list[np.ndarray]] = {name: [] for name in WALK_VARIANTS}
+    out: dict[tuple[str, str], list[np.ndarray]] = {(n, a): [] for n in WALK_VARIANTS for a in AGGREGATIONS}
     for start in range(0, len(paths), batch):
         prepared = [scorer.decode(p.read_bytes()) for p in paths[start : start + batch]]
         x0 = torch.stack([p.tensor for p in prepared]).to(model.device)
-        ts = trajectory_timesteps(len(model.alphas_cumprod), steps)
+        ts = trajectory_timesteps(len(model.alphas_cumprod), steps, t_max)
         noise = content_noise([p.digest for p in prepared], tuple(x0.shape[1:]), x0.device)
         accs = {name: PathAccumulator(steps) for name in WALK_VARIANTS}
         with torch.inference_mode():
@@ -67,8 +74,9 @@ def walk_features(scorer: Scorer, paths: list[Path], steps: int, trajectory: str
                         a = amplified_error(step, x0, opts)
                     accs[name].add(a, a)
         for name, acc in accs.items():
-            out[name].append(acc.result(ts).features.double().numpy())
-    return {name: np.concatenate(v) for name, v in out.items()}
+            for aggregation in AGGREGATIONS:
+                out[name, aggregation].append(acc.result(ts, aggregation).features.double().numpy())
+    return {key: np.concatenate(v) for key, v in out.items()}
 
 
 def evaluate(features: dict[str, np.ndarray], options: MethodOptions) -> dict[str, float]:
@@ -83,8 +91,12 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--fit-limit", type=int, default=500)
     ap.add_argument("--limit", type=int, default=300)
-    ap.add_argument("--steps", type=int, nargs="+", default=[10, 5, 20])
-    ap.add_argument("--forward", action="store_true", help="also the forward-noising trajectory at K=10")
+    ap.add_argument(
+        "--walks",
+        nargs="+",
+        default=["10:1.0:ddim", "5:1.0:ddim", "20:1.0:ddim"],
+        help="trajectories as K:t_max_fraction:mode (mode ddim or forward); the first gets the density grid",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
@@ -97,16 +109,22 @@ def main() -> int:
         "id": celeba[len(celeba) // 2 :][: args.limit],
         **{ood: list_images(args.data / ood, args.limit, seed=0) for ood in OOD_SETS},
     }
-    groups = [(k, "ddim") for k in args.steps] + ([(10, "forward")] if args.forward else [])
+    walks = [(int(k), float(t), mode) for k, t, mode in (w.split(":") for w in args.walks)]
     rows = []
-    for steps, trajectory in groups:
+    for steps, t_max, trajectory in walks:
         t0 = time.perf_counter()
-        per_set = {name: walk_features(scorer, paths, steps, trajectory) for name, paths in sets.items()}
-        for variant, base in WALK_VARIANTS.items():
-            feats = {name: per_set[name][variant] for name in sets}
-            opts = replace(base, steps=steps, trajectory=trajectory)  # type: ignore[arg-type]
+        per_set = {n: walk_features(scorer, paths, steps, t_max, trajectory) for n, paths in sets.items()}
+        for (variant, aggregation), _ in per_set["fit"].items():
+            feats = {name: per_set[name][variant, aggregation] for name in sets}
+            opts = replace(
+                WALK_VARIANTS[variant],
+                steps=steps,
+                t_max_fraction=t_max,
+                trajectory=trajectory,  # type: ignore[arg-type]
+                aggregation=aggregation,  # type: ignore[arg-type]
+            )
             density_grid = [("full, BIC<=8", opts)]
-            if steps == args.steps[0] and trajectory == "ddim" and variant.endswith("(default)"):
+            if (steps, t_max, trajectory) == walks[0] and variant.endswith("(default)"):
                 density_grid += [
                     ("full, 1 comp", replace(opts, mixture_max_components=1)),
                     ("diag, BIC<=8", replace(opts, covariance_type="diag")),
@@ -116,20 +134,23 @@ def main() -> int:
                 aurocs = evaluate(feats, o)
                 row = {
                     "steps": steps,
+                    "t_max_fraction": t_max,
                     "trajectory": trajectory,
                     "variant": variant,
+                    "aggregation": aggregation,
                     "density": density,
                     **aurocs,
                 }
                 row["mean"] = float(np.mean([aurocs[s] for s in OOD_SETS]))
                 rows.append(row)
                 print(
-                    f"K={steps:<3} {trajectory:<8} {variant:<32} {density:<14} "
+                    f"K={steps:<3} t<={t_max:<4} {trajectory:<7} {variant:<29} "
+                    f"{aggregation:<9} {density:<12} "
                     + " ".join(f"{aurocs[s]:.3f}" for s in OOD_SETS)
                     + f"  mean {row['mean']:.3f}",
                     flush=True,
                 )
-        print(f"  (group K={steps} {trajectory}: {time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"  (walk K={steps} t<={t_max} {trajectory}: {time.perf_counter() - t0:.0f} s)", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"sets": {k: len(v) for k, v in sets.items()}, "rows": rows}, indent=2))
     return 0

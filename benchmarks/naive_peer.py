@@ -50,9 +50,11 @@ def features(
     image: torch.Tensor,
     steps: int = 10,
     autocast: torch.dtype | None = None,
+    aggregation: str = "per-step",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One (C, H, W) image in [-1, 1] -> (6 features, heat map), DDIM inversion with SSIM amplification.
-    ``autocast``: run the UNet under bf16/fp16 autocast (what a port would do on a GPU)."""
+    """One (C, H, W) image in [-1, 1] -> (features, heat map), DDIM inversion with SSIM amplification.
+    ``autocast``: run the UNet under bf16/fp16 autocast (what a port would do on a GPU). ``aggregation``:
+    "per-step" = log energy of each step and each difference (2K - 1 values), "sum" = METHOD.md's six sums."""
     T = scheduler.config.num_train_timesteps
     timesteps = [round(k * (T - 1) / (steps - 1)) for k in range(steps)]
     x0 = image[None]
@@ -73,5 +75,9 @@ def features(
                 x = abar_next.sqrt() * xhat0 + (1 - abar_next).sqrt() * eps_k
     a = np.stack(errors)
     da = np.diff(a, axis=0) * steps
-    feats = np.array([a.sum(), (a**2).sum(), (a**3).sum(), da.sum(), (da**2).sum(), (da**3).sum()])
+    if aggregation == "sum":
+        feats = np.array([a.sum(), (a**2).sum(), (a**3).sum(), da.sum(), (da**2).sum(), (da**3).sum()])
+    else:
+        energies = [(q**2).sum() for q in a] + [(q**2).sum() for q in da]
+        feats = np.log(np.array(energies))
     return feats, np.abs(a).mean(axis=(0, 1))

@@ -91,6 +91,16 @@ def test_profile_round_trip_and_refusals(tmp_path: Path) -> None:
         Profile.load(path)
 
 
+def test_a_profile_from_before_the_aggregation_option_means_the_six_sums(tmp_path: Path) -> None:
+    sums = MethodOptions(aggregation="sum")
+    data = fit_profile("old", normal_features(40), model_id="model@abc", options=sums).to_dict()
+    del data["options"]["aggregation"]  # what every profile written before the option looked like
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert ProfileStore(tmp_path, "model@abc", sums).get("old").options.aggregation == "sum"
+    with pytest.raises(ProfileMismatch, match="method options"):
+        ProfileStore(tmp_path, "model@abc", MethodOptions(aggregation="per-step")).get("old")
+
+
 @pytest.mark.parametrize("name", ["../etc", "a/b", "", ".hidden", "x" * 80, "naïve", "a b", "a..b"])
 def test_profile_names_are_validated(name: str) -> None:
     with pytest.raises(InvalidInput):

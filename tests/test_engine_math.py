@@ -100,11 +100,16 @@ def test_feature_sums_over_steps_and_differences() -> None:
     q1, q2 = torch.ones(1, 3, 2, 2), torch.full((1, 3, 2, 2), 2.0)
     acc.add(q1, q1)
     acc.add(q2, q2)
-    stats = acc.result([0, 99])
+    stats = acc.result([0, 99], aggregation="sum")
     # sum q: n + 2n; sum q^2: n + 4n; sum q^3: n + 8n; dq = (2 - 1) * K = 2 -> 2n, 4n, 8n
     assert stats.features.flatten().tolist() == pytest.approx([3 * n, 5 * n, 9 * n, 2 * n, 4 * n, 8 * n])
     assert stats.step_sums.shape == (1, 2, 3) and stats.delta_sums.shape == (1, 1, 3)
     assert torch.allclose(stats.heatmap, torch.full((1, 2, 2), 1.5))
+    # per-step: log energy of each step (n, 4n) and of the one difference (4n)
+    per_step = acc.result([0, 99], aggregation="per-step")
+    assert per_step.features.flatten().tolist() == pytest.approx(
+        [math.log(n), math.log(4 * n), math.log(4 * n)]
+    )
     one_d = acc.result([0, 99], one_d=True)
     assert one_d.features.flatten().tolist() == pytest.approx([math.sqrt(4 * n)])
     assert power_sums(torch.tensor([[1.0, -2.0]])).tolist() == [[-1.0, 5.0, -7.0]]

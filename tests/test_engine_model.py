@@ -58,7 +58,7 @@ def test_every_method_runs_on_a_tiny_model(tmp_path: Path, method: str) -> None:
     scorer.load(warmup_batch=1)
     images = [PreparedImage(torch.rand(3, 16, 16) * 2 - 1, (16, 16), bytes([i])) for i in range(3)]
     stats = scorer.run(images)
-    width = {"diffpath-1d": 1, "reconstruction": 3}.get(method, 6)
+    width = {"diffpath-1d": 1, "reconstruction": 3}.get(method, 2 * 4 - 1)  # per-step: K + (K - 1)
     assert [s.features.shape for s in stats] == [(width,)] * 3
     assert all(s.finite and s.heatmap.shape == (16, 16) for s in stats)
 

@@ -19,6 +19,9 @@ def add_engine_args(parser: argparse.ArgumentParser, method: bool = True) -> Non
     if method:
         g.add_argument("--method", choices=METHODS, help="scoring method (default diffpath-v2)")
     g.add_argument("--steps", type=int, help="trajectory steps K (UNet evaluations per image)")
+    g.add_argument(
+        "--aggregation", choices=["per-step", "sum"], help="path features: per-step energies or the six sums"
+    )
     g.add_argument("--batch-size", type=int, default=64, help="images per model batch (default 64)")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
 
@@ -30,13 +33,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "dtype": getattr(args, "dtype", None),
         "method": getattr(args, "method", None),
         "steps": getattr(args, "steps", None),
+        "aggregation": getattr(args, "aggregation", None),
         "torch_threads": getattr(args, "threads", None),
     }
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
-
-
-def method_options(settings: Settings, method: str | None = None) -> MethodOptions:
-    return MethodOptions(method=method or settings.method, steps=settings.steps)  # type: ignore[arg-type]
 
 
 def load_scorer(settings: Settings, options: MethodOptions | None = None, warmup: bool = False) -> Scorer:

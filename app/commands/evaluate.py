@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from app.commands.common import add_engine_args, load_scorer, method_options, settings_from_args
+from app.commands.common import add_engine_args, load_scorer, settings_from_args
 from app.engine.calibration import fit_profile
 from app.engine.datasets import feature_matrix, folder_statistics, list_images
 from app.engine.evaluation import PairResult, detection_metrics, format_table, plot_roc_and_histograms
 from app.engine.scorer import Scorer
 from app.engine.types import METHODS
+from app.service.scoring import options_from_settings
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def cache_file(
         return None
     key = {
         "model": scorer.info.model_id,
-        "options": [method_options(settings, m).feature_key() for m in methods],
+        "options": [options_from_settings(settings, m).feature_key() for m in methods],
         "files": [str(p.resolve()) for p in paths],
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -98,7 +99,7 @@ def cache_file(
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    scorer = load_scorer(settings, method_options(settings, args.methods[0]))
+    scorer = load_scorer(settings, options_from_settings(settings, args.methods[0]))
     id_name = args.id_name or args.id.name
     id_paths, fit_paths = split_id_and_fit(args)
     if not fit_paths or not id_paths:
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     scores: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
     results: list[PairResult] = []
     for m in args.methods:
-        options = method_options(settings, m)
+        options = options_from_settings(settings, m)
         profile = fit_profile(
             f"eval-{m}", features[m]["__fit__"], model_id=scorer.info.model_id, options=options
         )
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "results": [r.to_dict() for r in results],
         "model_id": scorer.info.model_id,
-        "options": {m: method_options(settings, m).to_dict() for m in args.methods},
+        "options": {m: options_from_settings(settings, m).to_dict() for m in args.methods},
         "n_fit": len(features[args.methods[0]]["__fit__"]),
         "seconds": seconds,
         "seconds_per_image": per_image,

@@ -24,6 +24,8 @@ from app.engine.types import MethodOptions
 
 # Noise maps are ~N(0, 1); +-4 sigma covers them, and SSIM's constants need a fixed range.
 NOISE_DATA_RANGE = 8.0
+# Smallest energy the per-step features take the log of (a map of exact zeros would give -inf).
+ENERGY_FLOOR = 1e-12
 
 
 @dataclass
@@ -95,13 +97,21 @@ class PathAccumulator:
         heat = heat_source.abs().mean(dim=1)
         self.heat = heat if self.heat is None else self.heat + heat
 
-    def result(self, timesteps: list[int], one_d: bool = False) -> BatchStats:
+    def result(self, timesteps: list[int], aggregation: str = "sum", one_d: bool = False) -> BatchStats:
+        """Features from the accumulated sums: the six sums over steps (``"sum"``), the log energy of
+        each step and each rate of change (``"per-step"``, 2K - 1 values), or DiffPath-1D's one value."""
         steps = torch.stack(self.step_sums, dim=1)
         deltas = torch.stack(self.delta_sums, dim=1)
         if one_d:
             features = deltas[..., 1].sum(dim=1, keepdim=True).sqrt()
-        else:
+        elif aggregation == "per-step":
+            # energies span orders of magnitude across steps and images; the log makes them near-Gaussian
+            # for the mixture (floored so an all-zero map stays finite)
+            features = torch.cat([steps[..., 1], deltas[..., 1]], dim=1).clamp_min(ENERGY_FLOOR).log()
+        elif aggregation == "sum":
             features = torch.cat([steps.sum(dim=1), deltas.sum(dim=1)], dim=-1)
+        else:
+            raise ValueError(f"unknown aggregation {aggregation!r}")
         assert self.heat is not None
         return BatchStats(features, steps, deltas, self.heat / len(self.step_sums), timesteps)
 
@@ -137,9 +147,9 @@ def path_statistics(
     out: dict[str, BatchStats] = {}
     for method in methods:
         if method == "diffpath-v2" and amplified_acc is not None:
-            out[method] = amplified_acc.result(timesteps)
+            out[method] = amplified_acc.result(timesteps, options.aggregation)
         elif noise_acc is not None and method in ("diffpath-6d", "diffpath-1d"):
-            out[method] = noise_acc.result(timesteps, one_d=method == "diffpath-1d")
+            out[method] = noise_acc.result(timesteps, options.aggregation, one_d=method == "diffpath-1d")
         else:
             raise ValueError(f"{method!r} is not a trajectory method")
     return out

@@ -24,6 +24,10 @@ class MethodOptions:
     ssim_lambda: float = 1.0
     sigma_scaling: bool = False  # divide the Stein error by sigma_k (score units instead of noise units)
     t_max_fraction: float = 1.0  # trajectory covers t in [0, t_max_fraction * (T - 1)]
+    # How the path methods turn per-step power sums into features: "sum" = METHOD.md step 4's six sums
+    # over all steps; "per-step" = the log energy (sum of squares) of every step and of every step's rate
+    # of change, 2K - 1 values (ACCURACY.md: where along the path the error sits is what separates).
+    aggregation: Literal["sum", "per-step"] = "per-step"
     recon_levels: tuple[float, ...] = (0.1, 0.25, 0.4)  # reconstruction: noise levels as fractions of T
     mixture_max_components: int = 8
     covariance_type: Literal["full", "diag", "tied", "spherical", "auto"] = "full"
@@ -38,6 +42,7 @@ class MethodOptions:
             "ssim_lambda": self.ssim_lambda,
             "sigma_scaling": self.sigma_scaling,
             "t_max_fraction": self.t_max_fraction,
+            "aggregation": self.aggregation,
             "recon_levels": list(self.recon_levels),
             "mixture_max_components": self.mixture_max_components,
             "covariance_type": self.covariance_type,
@@ -46,6 +51,8 @@ class MethodOptions:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodOptions:
         values = dict(data)
+        # profiles written before the option existed were all fitted on the six sums
+        values.setdefault("aggregation", "sum")
         if "recon_levels" in values:
             values["recon_levels"] = tuple(float(v) for v in values["recon_levels"])
         return cls(**values)

@@ -77,13 +77,22 @@ class ScoreOutcome:
     timings: dict[str, float]  # seconds: decode, queue, compute, total; plus "batches"
 
 
+def options_from_settings(settings: Settings, method: str | None = None) -> MethodOptions:
+    """The method options a deployment's settings select (a profile must match them to be used)."""
+    return MethodOptions(
+        method=method or settings.method,  # type: ignore[arg-type]
+        steps=settings.steps,
+        aggregation=settings.aggregation,
+    )
+
+
 def engine_from_settings(settings: Settings, options: MethodOptions | None = None) -> Scorer:
     """The engine the settings describe (the CLI passes ``options`` to compare methods)."""
     return Scorer(
         settings.model_dir,
         device=settings.device,
         dtype=settings.dtype,
-        options=options or MethodOptions(method=settings.method, steps=settings.steps),
+        options=options or options_from_settings(settings),
         torch_threads=settings.torch_threads,
         limits=DecodeLimits(
             max_pixels=settings.max_image_pixels, allowed_formats=tuple(settings.allowed_formats)
