@@ -22,8 +22,8 @@
 For each concurrency level: throughput (images/s over the level's wall time), latency p50/p95/p99 of the
 successful requests, counts by status, the mean executed batch size from /metrics (difference of
 ``anomaly_batch_size`` sum/count before and after the level), the CPU the load generator and (with
-``--serve``) the server used, in cores, and the 1-minute load average as the level started. Prints a
-table; ``--json`` writes all of it.
+``--serve``) the server used, in cores, the cores busy on the whole host (anyone's work) and the 1-minute
+load average as the level started. Prints a table; ``--json`` writes all of it.
 
 The load generator shares the host with the server, so it is kept light: each image's multipart body is
 encoded once (by httpx) and re-sent as raw bytes; one asyncio process drives every client.
@@ -103,6 +103,17 @@ class Server:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def host_cpu() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole host so far, from /proc/stat (Linux), summed over cores."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / tick, sum(values[:8]) / tick
+
+
 async def run_level(
     server: Server, bodies: list[Body], concurrency: int, requests: int, headers: dict[str, str]
 ) -> dict[str, Any]:
@@ -130,12 +141,13 @@ async def run_level(
                     latencies.append(elapsed)
 
         load_average = os.getloadavg()[0]
-        server_cpu, client_cpu = server.cpu_s(), time.process_time()
+        server_cpu, client_cpu, host = server.cpu_s(), time.process_time(), host_cpu()
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - started
         client_cpu = time.process_time() - client_cpu
         server_cpu_end = server.cpu_s()
+        host_end = host_cpu()
         after = (await http.get("/metrics")).text
     batches = scrape(after, "anomaly_batch_size_count") - scrape(before, "anomaly_batch_size_count")
     batched = scrape(after, "anomaly_batch_size_sum") - scrape(before, "anomaly_batch_size_sum")
@@ -159,6 +171,10 @@ async def run_level(
             round((server_cpu_end - server_cpu) / wall, 2)
             if server_cpu is not None and server_cpu_end is not None and wall > 0
             else None
+        ),
+        # every process on the host: what is left beyond server + client is someone else's work
+        "host_busy_cores": (
+            round((host_end[0] - host[0]) / wall, 2) if host is not None and host_end is not None else None
         ),
     }
 
@@ -281,13 +297,14 @@ def summarise(setting: dict[str, Any], engine: dict[str, Any] | None) -> dict[st
 def print_levels(title: str, levels: list[dict[str, Any]]) -> None:
     print(title)
     print(f"{'clients':>7} {'ok':>5} {'img/s':>7} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'batch':>6} "
-          f"{'load':>5} {'client':>6} {'server':>6}  statuses")  # fmt: skip
+          f"{'load':>5} {'client':>6} {'server':>6} {'host':>5}  statuses")  # fmt: skip
     for level in levels:
         lat = level["latency_s"]
         print(f"{level['concurrency']:>7} {level['ok']:>5} {level['throughput_img_s'] or 0:>7.2f} "
               f"{lat['p50'] or 0:>7.3f} {lat['p95'] or 0:>7.3f} {lat['p99'] or 0:>7.3f} "
               f"{level['mean_batch_size'] or 0:>6.2f} {level['load_average_1m']:>5.2f} "
-              f"{level['client_cores'] or 0:>6.2f} {level['server_cores'] or 0:>6.2f}  "
+              f"{level['client_cores'] or 0:>6.2f} {level['server_cores'] or 0:>6.2f} "
+              f"{level['host_busy_cores'] or 0:>5.2f}  "
               f"{level['statuses']}")  # fmt: skip
 
 
