@@ -81,7 +81,7 @@ def service_plot(reports: list[dict], out: Path) -> None:
         if engine and engine not in engines:
             engines.add(engine)
             thr.axhline(engine, color="grey", ls=":", lw=1)
-            thr.annotate("engine offline (best)", (1, engine), fontsize=6, va="bottom")
+            thr.annotate("engine offline (best)", (clients[-1], engine), fontsize=6, va="bottom", ha="right")
     clients = [lv["concurrency"] for lv in settings[0]["levels"]]
     for ax in (lat, thr):
         ax.set_xscale("log", base=2)
@@ -91,7 +91,7 @@ def service_plot(reports: list[dict], out: Path) -> None:
         ax.legend(fontsize=6)
     lat.set_ylabel("p99 latency, s")
     thr.set_ylabel("images/s")
-    thr.set_ylim(bottom=0)
+    thr.set_ylim(0, thr.get_ylim()[1] * 1.1)  # room for the engine line's label
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
