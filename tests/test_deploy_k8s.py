@@ -208,7 +208,9 @@ def test_gpu_limit_only_in_the_gpu_overlay(overlay: tuple[str, tuple[Manifest, .
     else:
         assert "nvidia.com/gpu" not in resources.get("limits", {})
         assert image.endswith("-cpu")
-        assert int(settings_of(docs)["DDM_TORCH_THREADS"]) == int(resources["requests"]["cpu"])
+        settings = settings_of(docs)
+        threads = int(settings["DDM_TORCH_THREADS"]) * int(settings["DDM_MODEL_INSTANCES"])
+        assert threads == int(resources["requests"]["cpu"])
 
 
 def test_selectors_select_the_pods(overlay: tuple[str, tuple[Manifest, ...]]) -> None:
