@@ -85,7 +85,35 @@ def evaluate(features: dict[str, np.ndarray], options: MethodOptions) -> dict[st
     return {ood: detection_metrics(id_scores, profile.score(features[ood]))[0] for ood in OOD_SETS}
 
 
-def main() -> int:
+def fit_size_rows(
+    per_set: dict[str, dict[tuple[str, str], np.ndarray]], steps: int, sizes: list[int]
+) -> list[dict]:
+    """How many normal images the density needs: the default variant refitted on seeded subsets."""
+    rows = []
+    variant = next(v for v in WALK_VARIANTS if v.endswith("(default)"))
+    for aggregation in AGGREGATIONS:
+        opts = replace(WALK_VARIANTS[variant], steps=steps, aggregation=aggregation)  # type: ignore[arg-type]
+        fit_all = per_set["fit"][variant, aggregation]
+        for n in sizes:
+            runs = []
+            for seed in range(3):
+                subset = np.random.default_rng(seed).permutation(len(fit_all))[:n]
+                feats = {name: per_set[name][variant, aggregation] for name in per_set}
+                runs.append(evaluate({**feats, "fit": fit_all[subset]}, opts))
+            aurocs = {ood: float(np.mean([r[ood] for r in runs])) for ood in OOD_SETS}
+            row = {"steps": steps, "variant": variant, "aggregation": aggregation, "fit_size": n, **aurocs}
+            row["mean"] = float(np.mean(list(aurocs.values())))
+            rows.append(row)
+            print(
+                f"fit on {n:<5} {aggregation:<9} "
+                + " ".join(f"{aurocs[s]:.3f}" for s in OOD_SETS)
+                + f"  mean {row['mean']:.3f}",
+                flush=True,
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=Path("model_store/celeba32-ref"))
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
@@ -97,9 +125,16 @@ def main() -> int:
         default=["10:1.0:ddim", "5:1.0:ddim", "20:1.0:ddim"],
         help="trajectories as K:t_max_fraction:mode (mode ddim or forward); the first gets the density grid",
     )
+    ap.add_argument(
+        "--fit-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also refit the default variant on this many fitting images (3 seeded subsets each)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     scorer = Scorer(args.model, device="cpu", torch_threads=args.threads)
     scorer.load(warmup_batch=0)
@@ -151,6 +186,8 @@ def main() -> int:
                     flush=True,
                 )
         print(f"  (walk K={steps} t<={t_max} {trajectory}: {time.perf_counter() - t0:.0f} s)", flush=True)
+        if (steps, t_max, trajectory) == walks[0]:
+            rows += fit_size_rows(per_set, steps, args.fit_sizes)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"sets": {k: len(v) for k, v in sets.items()}, "rows": rows}, indent=2))
     return 0
