@@ -91,8 +91,10 @@ def fit_size_rows(
     """How many normal images the density needs: the default variant refitted on seeded subsets."""
     rows = []
     variant = next(v for v in WALK_VARIANTS if v.endswith("(default)"))
-    for aggregation in AGGREGATIONS:
-        opts = replace(WALK_VARIANTS[variant], steps=steps, aggregation=aggregation)  # type: ignore[arg-type]
+    # the six sums with their default regularisation; per-step with the old 1e-4 and with its default
+    for aggregation, reg in (("sum", None), ("per-step", 1e-4), ("per-step", None)):
+        base = WALK_VARIANTS[variant]
+        opts = replace(base, steps=steps, aggregation=aggregation, covariance_reg=reg)  # type: ignore[arg-type]
         fit_all = per_set["fit"][variant, aggregation]
         for n in sizes:
             runs = []
@@ -102,10 +104,11 @@ def fit_size_rows(
                 runs.append(evaluate({**feats, "fit": fit_all[subset]}, opts))
             aurocs = {ood: float(np.mean([r[ood] for r in runs])) for ood in OOD_SETS}
             row = {"steps": steps, "variant": variant, "aggregation": aggregation, "fit_size": n, **aurocs}
+            row["covariance_reg"] = opts.density_reg()
             row["mean"] = float(np.mean(list(aurocs.values())))
             rows.append(row)
             print(
-                f"fit on {n:<5} {aggregation:<9} "
+                f"fit on {n:<5} {aggregation:<9} reg {opts.density_reg():<6} "
                 + " ".join(f"{aurocs[s]:.3f}" for s in OOD_SETS)
                 + f"  mean {row['mean']:.3f}",
                 flush=True,
@@ -164,10 +167,13 @@ def main(argv: list[str] | None = None) -> int:
                     ("full, 1 comp", replace(opts, mixture_max_components=1)),
                     ("diag, BIC<=8", replace(opts, covariance_type="diag")),
                     ("full, BIC<=16", replace(opts, mixture_max_components=16)),
+                    ("full, reg 1e-4", replace(opts, covariance_reg=1e-4)),
+                    ("full, reg 0.1", replace(opts, covariance_reg=0.1)),
                 ]
             for density, o in density_grid:
                 aurocs = evaluate(feats, o)
                 row = {
+                    "covariance_reg": o.density_reg(),
                     "steps": steps,
                     "t_max_fraction": t_max,
                     "trajectory": trajectory,

@@ -29,9 +29,7 @@ def test_ablation_reports_both_aggregations_and_fit_sizes(tmp_path: Path) -> Non
     rows = json.loads(out.read_text())["rows"]
     walk_rows = [r for r in rows if "fit_size" not in r]
     assert {r["aggregation"] for r in walk_rows} == {"sum", "per-step"}
-    assert len(walk_rows) == 2 * (8 + 3)  # 8 variants x 2 aggregations, + the density grid of the default
-    assert [(r["aggregation"], r["fit_size"]) for r in rows if "fit_size" in r] == [
-        ("sum", 12),
-        ("per-step", 12),
-    ]
+    assert len(walk_rows) == 2 * (8 + 5)  # 8 variants x 2 aggregations, + the density grid of the default
+    fit_rows = [(r["aggregation"], r["covariance_reg"], r["fit_size"]) for r in rows if "fit_size" in r]
+    assert fit_rows == [("sum", 1e-4, 12), ("per-step", 1e-4, 12), ("per-step", 0.1, 12)]
     assert all(0.0 <= r[s] <= 1.0 for r in rows for s in ("cifar10", "mnist", "dtd", "imagenet"))

@@ -49,7 +49,11 @@ class GaussianMixtureDensity:
 
     @classmethod
     def fit(
-        cls, features: np.ndarray, max_components: int = 8, covariance_type: str = "full"
+        cls,
+        features: np.ndarray,
+        max_components: int = 8,
+        covariance_type: str = "full",
+        reg_covar: float = 1e-4,
     ) -> GaussianMixtureDensity:
         mean = features.mean(axis=0)
         scale = features.std(axis=0)
@@ -62,7 +66,7 @@ class GaussianMixtureDensity:
         best_bic = math.inf
         for kind in kinds:
             for n in range(1, limit + 1):
-                gmm = GaussianMixture(n, covariance_type=kind, random_state=RANDOM_STATE, reg_covar=1e-4)
+                gmm = GaussianMixture(n, covariance_type=kind, random_state=RANDOM_STATE, reg_covar=reg_covar)
                 gmm.fit(z)
                 bic = gmm.bic(z)
                 if bic < best_bic:
@@ -366,7 +370,11 @@ def fit_profile(
     if not all(0.0 < f < 1.0 for f in fprs):
         raise InvalidInput("false-positive rates must lie in (0, 1)")
     density_cls = density_for(options.method)
-    kwargs = {"max_components": options.mixture_max_components, "covariance_type": options.covariance_type}
+    kwargs = {
+        "max_components": options.mixture_max_components,
+        "covariance_type": options.covariance_type,
+        "reg_covar": options.density_reg(),
+    }
     held_out = np.empty(len(features))
     splitter = KFold(n_splits=min(folds, len(features)), shuffle=True, random_state=RANDOM_STATE)
     for train_idx, test_idx in splitter.split(features):
