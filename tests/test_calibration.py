@@ -110,3 +110,22 @@ def test_profile_names_are_validated(name: str) -> None:
 def test_too_few_reference_images_are_refused() -> None:
     with pytest.raises(InvalidInput):
         fit_profile("p", normal_features(5), model_id="m", options=OPTIONS)
+
+
+def test_few_reference_images_with_many_features_give_a_stable_density() -> None:
+    """19 per-step energies from 12 images: without shrinkage the covariance is near-singular and scores
+    of new normal images swing with float rounding (what a live server showed between batch sizes)."""
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(4, 19))  # the log energies are strongly correlated across steps
+
+    def normal(n: int) -> np.ndarray:
+        return rng.normal(size=(n, 4)) @ mixing + 0.01 * rng.normal(size=(n, 19))
+
+    reference, probe = normal(12), normal(20)
+    rounded = probe * (1 + 1e-6 * rng.normal(size=probe.shape))  # float32-sized differences
+    swing = {}
+    for reg in (None, 1e-4):
+        profile = fit_profile("few", reference, model_id="m", options=MethodOptions(covariance_reg=reg))
+        swing[reg] = np.abs(profile.score(rounded) - profile.score(probe)).max()
+    assert MethodOptions().density_reg() == 0.1 and MethodOptions(aggregation="sum").density_reg() == 1e-4
+    assert swing[None] < 1e-3 < swing[1e-4]
