@@ -128,4 +128,4 @@ def test_few_reference_images_with_many_features_give_a_stable_density() -> None
         profile = fit_profile("few", reference, model_id="m", options=MethodOptions(covariance_reg=reg))
         swing[reg] = np.abs(profile.score(rounded) - profile.score(probe)).max()
     assert MethodOptions().density_reg() == 0.1 and MethodOptions(aggregation="sum").density_reg() == 1e-4
-    assert swing[None] < 1e-3 < swing[1e-4]
+    assert swing[None] < 1e-4 < swing[1e-4]  # ~1e-5 vs ~1.5e-3
