@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -63,7 +63,7 @@ class FakeEngine:
         return [x for batch in self.batches for x in batch]
 
 
-def make(engine: FakeEngine, **kwargs: float) -> DynamicBatcher[int, int]:
+def make(engine: Callable[[list[int]], Sequence[int]], **kwargs: float) -> DynamicBatcher[int, int]:
     options = {"max_batch_size": 4, "max_batch_delay_s": 0.005, "max_queue_items": 16, **kwargs}
     batcher: DynamicBatcher[int, int] = DynamicBatcher(
         engine,
@@ -330,10 +330,7 @@ def test_two_instances_run_two_batches_at_the_same_time() -> None:
         both_inside.wait()
         return [2 * x for x in items]
 
-    b: DynamicBatcher[int, int] = DynamicBatcher(
-        fn, max_batch_size=2, max_batch_delay_s=3600.0, max_queue_items=8, instances=2
-    )
-    b.start()
+    b = make(fn, max_batch_size=2, max_batch_delay_s=3600.0, max_queue_items=8, instances=2)
     try:
         first, second = b.submit([1, 2]), b.submit([3, 4])  # two full batches: no delay involved
         assert first.result(WAIT).outputs == [2, 4] and second.result(WAIT).outputs == [6, 8]
@@ -357,10 +354,7 @@ def test_request_over_batches_of_different_instances_keeps_request_order() -> No
             later_batch_done.set()
         return [2 * x for x in items]
 
-    b: DynamicBatcher[int, int] = DynamicBatcher(
-        fn, max_batch_size=4, max_batch_delay_s=0.0, max_queue_items=16, instances=2
-    )
-    b.start()
+    b = make(fn, max_batch_size=4, max_batch_delay_s=0.0, max_queue_items=16, instances=2)
     try:
         done = b.submit(list(range(10))).result(WAIT)
         assert done.outputs == [2 * x for x in range(10)]
