@@ -15,7 +15,8 @@ alike (tables give the median over rounds):
 * the naive peer (``naive_peer.py``: one image at a time, plain loop, NumPy sums) -> engine speed-up;
 * that the naive peer and the engine give the same features (else the ratio would mean nothing);
 * with ``--variants``: the engine as shipped beside single changes to it (channels_last, the other thread
-  count, bf16 autocast, ``torch.compile`` with ``--compile``) at ``--variant-batches``.
+  count, bf16 autocast, the ONNX Runtime and OpenVINO runtimes on CPU, ``torch.compile`` with ``--compile``)
+  at ``--variant-batches``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import naive_peer  # a sibling script, not a package
 
 from app.engine.preprocessing import PreparedImage
+from app.engine.runtimes import RuntimeUnavailable, TorchRuntime, build_runtime
 from app.engine.scorer import Scorer
 from app.engine.trajectory import predict_noise, trajectory_timesteps
 from app.engine.types import MethodOptions
@@ -165,29 +167,50 @@ def variant_scorers(base: Scorer, args: argparse.Namespace) -> dict[str, tuple[S
         twin._model = copy.copy(base.model)  # same weights unless the variant replaces the module
         return twin
 
+    model = base.model
     layout = clone()  # the other weight layout than the shipped one
-    shipped_cl = base.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    shipped_cl = model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     other = torch.contiguous_format if shipped_cl else torch.channels_last
-    layout.model.unet = copy.deepcopy(base.model.unet).to(memory_format=other)
+    relaid = copy.deepcopy(model.unet).to(memory_format=other)
+    layout.model.runtime = TorchRuntime(relaid, model.autocast_dtype, model.device)
     out["NCHW weights" if shipped_cl else "channels_last weights"] = (layout, args.threads)
-    if base.model.device.type == "cpu":
+    if model.device.type == "cpu":
         other_threads = 1 if torch.get_num_threads() > 1 else 2
         out[f"torch threads = {other_threads}"] = (base, other_threads)
     precisions = {"bf16 autocast": torch.bfloat16}
-    if base.model.device.type == "cuda":
+    if model.device.type == "cuda":
         precisions = {
             "float32 (no autocast)": None,
             "bf16 autocast": torch.bfloat16,
             "fp16 autocast": torch.float16,
         }
-    for name, dtype in precisions.items():
-        if dtype != base.model.autocast_dtype:
-            reduced = clone()
-            reduced.model.autocast_dtype = dtype
-            out[name] = (reduced, args.threads)
+    contenders: dict[str, tuple[str, torch.dtype | None]] = {
+        f"torch {name}": ("torch", dtype)
+        for name, dtype in precisions.items()
+        if dtype != model.autocast_dtype or model.runtime.name != "torch"
+    }
+    if model.device.type == "cpu":  # the exported runtimes (runtimes.py), each beside the shipped engine
+        contenders |= {
+            "onnxruntime float32": ("onnxruntime", None),
+            "openvino float32": ("openvino", None),
+            "openvino bf16": ("openvino", torch.bfloat16),
+        }
+    for name, (runtime, dtype) in contenders.items():
+        if runtime == model.runtime.name and dtype == model.autocast_dtype:
+            continue  # that is the engine as shipped
+        try:
+            variant = clone()
+            variant.model.runtime = build_runtime(
+                runtime, model.unet, model.device, dtype, threads=args.threads
+            )
+        except RuntimeUnavailable as exc:
+            print(f"variant {name} skipped: {exc}", file=sys.stderr)
+            continue
+        out[name] = (variant, args.threads)
     if args.compile:
         compiled = clone()
-        compiled.model.unet = torch.compile(copy.deepcopy(base.model.unet), mode=args.compile_mode)
+        module = torch.compile(copy.deepcopy(model.unet), mode=args.compile_mode)
+        compiled.model.runtime = TorchRuntime(module, model.autocast_dtype, model.device)
         out[f"torch.compile ({args.compile_mode})"] = (compiled, args.threads)
     return out
 
@@ -230,7 +253,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     options = MethodOptions(steps=args.steps)
-    scorer = Scorer(args.model, device=args.device, dtype=args.dtype, options=options)
+    scorer = Scorer(
+        args.model, device=args.device, dtype=args.dtype, options=options, runtime=args.runtime,
+        torch_threads=args.threads,
+    )  # fmt: skip
     scorer.load(warmup_batch=2)
     device = scorer.model.device
     images, decode_ms = load_images(scorer, args.images, max([*args.batch_sizes, args.naive_images]))
@@ -402,6 +428,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of PNGs (random if none)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--runtime", default="auto", help="the engine's UNet runtime (DDM_RUNTIME)")
     p.add_argument("--steps", type=int, default=10, help="K")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--rounds", type=int, default=3)

@@ -72,7 +72,7 @@ step engine_small 150 $PY benchmarks/engine_bench.py --device "$DEVICE" --images
 step engine_256 150 $PY benchmarks/engine_bench.py --device "$DEVICE" --images "$DATA/celeba" "${BIG[@]}" \
     --json "$OUT/engine_256.json"
 # 3. what bf16 / fp16 autocast does to features, scores, verdicts and AUROC (shipped model, real weights).
-step precision 40 $PY benchmarks/precision_check.py --device "$DEVICE" --dtypes bfloat16 float16 \
+step precision 40 $PY benchmarks/precision_check.py --device "$DEVICE" --contenders torch:bfloat16 torch:float16 \
     --normal "$DATA/celeba" --ood "$DATA/cifar10" "${PREC[@]}" --json "$OUT/precision.json"
 # 4. the service on the GPU: batching on vs DDM_MAX_BATCH_SIZE=1, and the engine alone for the ratios.
 step service 150 $PY benchmarks/service_load.py --serve --env DDM_DEVICE="$DEVICE" \

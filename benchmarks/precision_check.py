@@ -1,11 +1,14 @@
-"""How much reduced-precision autocast (bf16 / fp16) moves features and anomaly scores against float32.
+"""How much reduced precision (bf16 / fp16) and the other UNet runtimes move features and anomaly scores
+against torch float32.
 
-    python benchmarks/precision_check.py --json benchmarks/results/precision_cpu.json          # bf16 on CPU
-    python benchmarks/precision_check.py --device cuda --dtypes bfloat16 float16 --json ...
+    python benchmarks/precision_check.py --json benchmarks/results/precision_cpu.json      # torch bf16 on CPU
+    python benchmarks/precision_check.py --contenders torch:bfloat16 openvino:bfloat16 \
+        onnxruntime:float32 openvino:float32 --json benchmarks/results/precision_runtimes.json
+    python benchmarks/precision_check.py --device cuda --contenders torch:bfloat16 torch:float16 --json ...
 
-A profile is fitted on float32 features of ``--reference`` normal images; then held-out normal images and
-``--ood`` images are scored from float32 features and from each reduced dtype's features. Reported: feature
-differences in units of each feature's spread over the images, |score difference| (median, 95th
+A profile is fitted on torch float32 features of ``--reference`` normal images; then held-out normal images
+and ``--ood`` images are scored from torch float32 features and from each contender's (runtime:dtype).
+Reported: feature differences in units of each feature's spread over the images, |score difference| (median, 95th
 percentile, max) in score units and as a fraction of the calibration scores' interquartile range, how many
 verdicts flip at the profile's 5% threshold, and AUROC (normal vs OOD) for each dtype. Not a test; the
 numbers go to docs/PERFORMANCE.md.
@@ -23,11 +26,12 @@ import numpy as np
 import torch
 
 from app.engine.calibration import fit_profile
+from app.engine.runtimes import build_runtime
 from app.engine.scorer import Scorer
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def features(scorer: Scorer, paths: list[Path], batch: int) -> np.ndarray:
@@ -47,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "model_store" / "celeba32-ref")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=sorted(DTYPES))
+    p.add_argument(
+        "--contenders",
+        nargs="+",
+        default=["torch:bfloat16"],
+        help="runtime:dtype pairs compared with torch:float32",
+    )
     p.add_argument("--normal", type=Path, default=DATA / "celeba")
     p.add_argument("--ood", type=Path, default=DATA / "cifar10")
     p.add_argument("--reference", type=int, default=200, help="normal images the profile is fitted on")
@@ -82,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         "calibration_iqr": iqr,
         "float32": {"auroc": auroc(base_scores["normal"], base_scores["ood"])},
     }
-    for name in args.dtypes:
-        scorer.model.autocast_dtype = DTYPES[name]  # the engine's CUDA path; on CPU the same autocast
+    model = scorer.model
+    for name in args.contenders:
+        runtime, dtype = name.split(":")
+        model.runtime = build_runtime(runtime, model.unet, model.device, DTYPES[dtype], threads=args.threads)
         reduced = {
             k: features(scorer, paths, args.batch) for k, paths in (("normal", held_out), ("ood", ood))
         }

@@ -225,29 +225,42 @@ def spawn_server(env: dict[str, str], workdir: Path) -> tuple[subprocess.Popen[b
 class EngineReference:
     """The engine alone (``Scorer.run`` on one batch, no HTTP) in several set-ups ``threads x instances``:
     ``instances`` threads each run the same batch at the same time on the one model, with ``threads``
-    intra-op threads (the service's DDM_TORCH_THREADS x DDM_MODEL_INSTANCES, without the service). The
-    caller interleaves ``measure`` with the load levels, while the servers are idle."""
+    intra-op threads (the service's DDM_TORCH_THREADS x DDM_MODEL_INSTANCES, without the service), in the
+    UNet runtime the env names (DDM_RUNTIME). Each set-up loads its own Scorer: an exported runtime sizes
+    its thread pool when it is built. The caller interleaves ``measure`` with the load levels, while the
+    servers are idle."""
 
     def __init__(self, env: dict[str, str], folder: Path, batch: int, runs: list[tuple[int, int]]) -> None:
         from app.engine.scorer import Scorer
+        from app.settings import Settings
 
-        self.scorer = Scorer(
-            ROOT / env.get("DDM_MODEL_DIR", "model_store/celeba32-ref"), device=env.get("DDM_DEVICE", "auto")
-        )
-        self.scorer.load(warmup_batch=2)
+        self.runtime = env.get("DDM_RUNTIME", Settings.model_fields["runtime"].default)
+        self.scorers = {}
+        for threads, instances in runs:
+            scorer = Scorer(
+                ROOT / env.get("DDM_MODEL_DIR", "model_store/celeba32-ref"),
+                device=env.get("DDM_DEVICE", "auto"),
+                runtime=self.runtime,
+                torch_threads=threads,
+                instances=instances,
+            )
+            scorer.load(warmup_batch=2)
+            self.scorers[threads, instances] = scorer
         paths = sorted(folder.glob("*.png"))[:batch]
-        self.batch = [self.scorer.decode(p.read_bytes()) for p in paths]
+        first = next(iter(self.scorers.values()))
+        self.batch = [first.decode(p.read_bytes()) for p in paths]
         self.runs = [{"threads": t, "instances": n, "batch": len(self.batch), "wall_s": []} for t, n in runs]
 
     def measure(self, rounds: int) -> None:
         import torch
 
         for run in self.runs:
+            scorer = self.scorers[run["threads"], run["instances"]]
             torch.set_num_threads(run["threads"])
             with ThreadPoolExecutor(run["instances"]) as pool:
                 for i in range(rounds + 1):  # the first round warms this thread count and pool
                     start = time.perf_counter()
-                    list(pool.map(lambda _: self.scorer.run(self.batch), range(run["instances"])))
+                    list(pool.map(lambda _, s=scorer: s.run(self.batch), range(run["instances"])))
                     if i:
                         run["wall_s"].append(time.perf_counter() - start)
 
@@ -258,12 +271,19 @@ class EngineReference:
             run["batch_s"] = round(wall, 3)  # one full batch on each instance
         best = max(self.runs, key=lambda r: r["img_s"])
         return {
+            "runtime": self.runtime,
             "runs": self.runs,
             "img_s": best["img_s"],
             "best": f"{best['threads']}x{best['instances']}",
             "batch": best["batch"],
             "full_batch_s": min(r["batch_s"] for r in self.runs),  # the strictest "one full batch"
         }
+
+
+def runtime_of(env: dict[str, str]) -> str:
+    from app.settings import Settings
+
+    return env.get("DDM_RUNTIME", Settings.model_fields["runtime"].default)
 
 
 def summarise(setting: dict[str, Any], engine: dict[str, Any] | None) -> dict[str, Any]:
@@ -370,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(int(t), int(n)) for t, n in (r.lower().split("x", 1) for r in args.engine_runs)]
 
     servers: list[Server] = []
-    engine: EngineReference | None = None
+    engines: dict[str, EngineReference] = {}  # one per UNet runtime the settings use
     try:
         if args.serve:
             for name, setting_env in settings or [("default", env)]:
@@ -384,8 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:
             server.info = httpx.get(f"{server.url}/readyz", timeout=10).json()
         if args.engine_reference:  # the servers are idle now: nothing else of ours runs
-            engine = EngineReference(env, args.images, args.engine_batch, runs)
-            engine.measure(rounds=2)
+            for setting_env in {runtime_of(s.env): s.env for s in servers}.values():
+                engines[runtime_of(setting_env)] = EngineReference(
+                    setting_env, args.images, args.engine_batch, runs
+                )
+            for engine in engines.values():
+                engine.measure(rounds=2)
         for server in servers:
             if args.warmup:
                 asyncio.run(run_level(server, bodies, 1, args.warmup, headers))
@@ -395,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.levels.append(asyncio.run(run_level(server, bodies, c, n, headers)))
                 print(f"{server.setting}/{server.role} clients {c}: "
                       f"{server.levels[-1]['throughput_img_s']} img/s", flush=True)  # fmt: skip
-        if engine is not None:
+        for engine in engines.values():
             engine.measure(rounds=2)
     finally:
         for server in servers:
@@ -404,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:
             if server.process is not None:
                 server.process.wait(120)
-    engine_report = engine.report() if engine is not None else None
+    engine_reports = {runtime: engine.report() for runtime, engine in engines.items()}
     results = []
     for server in servers:
         if server.role != "main":
@@ -416,16 +440,17 @@ def main(argv: list[str] | None = None) -> int:
         twin = next((s for s in servers if s.setting == server.setting and s.role == "compare"), None)
         if twin is not None:
             setting["compare"] = {"server_env": twin.env, "server": twin.info, "levels": twin.levels}
-        setting["summary"] = summarise(setting, engine_report)
+        setting["summary"] = summarise(setting, engine_reports.get(runtime_of(server.env)))
         results.append(setting)
         print_levels(f"\n{server.setting}: server env {server.env}", server.levels)
         if twin is not None:
             print_levels(f"{server.setting}: comparison server env {twin.env}", twin.levels)
         print(json.dumps(setting["summary"], indent=2))
     result: dict[str, Any] = {"settings": results, "load_average_after": os.getloadavg()}
-    if engine_report is not None:
-        result["engine"] = engine_report
-        print("engine:", json.dumps(engine_report))
+    if engine_reports:
+        result["engines"] = engine_reports  # by UNet runtime
+        for runtime, report in engine_reports.items():
+            print(f"engine ({runtime}):", json.dumps(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

@@ -451,7 +451,8 @@ def test_metrics_after_traffic(profiled: TestClient) -> None:
     assert 'anomaly_requests_total{code="200",endpoint="/v1/score"} 3.0' in text
     assert 'anomaly_requests_total{code="415",endpoint="/v1/score"} 1.0' in text
     info = (
-        'anomaly_model_info{device="cpu",dtype="float32",method="diffpath-v2",model_id="fake@000000000000"}'
+        'anomaly_model_info{device="cpu",dtype="float32",method="diffpath-v2",model_id="fake@000000000000",'
+        'runtime="torch"}'
     )
     assert f"{info} 1.0" in text
     assert 'anomaly_verdicts_total{profile="default",verdict="normal"}' in text

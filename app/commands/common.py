@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from app.engine.runtimes import RUNTIMES
 from app.engine.scorer import Scorer
 from app.engine.types import METHODS, MethodOptions
 from app.service.scoring import engine_from_settings
@@ -16,6 +17,11 @@ def add_engine_args(parser: argparse.ArgumentParser, method: bool = True) -> Non
     g.add_argument("--model", type=Path, help="diffusers model folder (unet/ + scheduler/)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        help="what computes the UNet (default auto: onnxruntime on CPU, torch on CUDA)",
+    )
     if method:
         g.add_argument("--method", choices=METHODS, help="scoring method (default diffpath-v2)")
     g.add_argument("--steps", type=int, help="trajectory steps K (UNet evaluations per image)")
@@ -31,6 +37,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "model_dir": getattr(args, "model", None),
         "device": getattr(args, "device", None),
         "dtype": getattr(args, "dtype", None),
+        "runtime": getattr(args, "runtime", None),
         "method": getattr(args, "method", None),
         "steps": getattr(args, "steps", None),
         "aggregation": getattr(args, "aggregation", None),

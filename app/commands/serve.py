@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--profiles-dir", type=Path, metavar="DIR", help="calibration profiles (DDM_PROFILES_DIR)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="DDM_DEVICE")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="DDM_DTYPE")
+    p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime", "openvino"), help="DDM_RUNTIME")
     p.add_argument("--max-batch-size", type=int, help="DDM_MAX_BATCH_SIZE")
     p.add_argument("--max-batch-delay-ms", type=float, help="DDM_MAX_BATCH_DELAY_MS")
     p.add_argument("--torch-threads", type=int, help="DDM_TORCH_THREADS")
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from app.settings import Settings
     from app.web.app import create_app
 
-    fields = ("host", "port", "model_dir", "profiles_dir", "device", "dtype", "max_batch_size",
+    fields = ("host", "port", "model_dir", "profiles_dir", "device", "dtype", "runtime", "max_batch_size",
               "max_batch_delay_ms", "torch_threads", "model_instances", "log_level")  # fmt: skip
     overrides = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
     try:

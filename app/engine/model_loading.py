@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
+from app.engine.runtimes import NoiseRuntime, RuntimeUnavailable, build_runtime
 from app.engine.types import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,12 @@ class LoadedModel:
     """A UNet on its device, read-only, with the noise schedule as a plain tensor (no scheduler object is
     shared between threads)."""
 
-    unet: UNet2DModel
+    unet: UNet2DModel  # the torch module, also when another runtime computes eps (benchmarks, training)
     alphas_cumprod: torch.Tensor  # (T,) float32 on ``device``
     device: torch.device
     autocast_dtype: torch.dtype | None  # bf16/fp16 autocast on CUDA, None = run in the weights' dtype
     info: ModelInfo
+    runtime: NoiseRuntime  # what computes eps_theta(x_t, t): torch, onnxruntime or openvino
 
 
 def resolve_device(device: str) -> torch.device:
@@ -113,7 +115,17 @@ def weights_digest(unet_dir: Path) -> str:
     return h.hexdigest()
 
 
-def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(
+    model_dir: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    *,
+    runtime: str = "torch",
+    threads: int | None = None,
+    instances: int = 1,
+) -> LoadedModel:
+    """Load a diffusers folder; ``runtime`` picks what computes the UNet (runtimes.py), ``threads`` and
+    ``instances`` size a non-torch runtime's thread pool and streams (torch's are process-wide)."""
     model_dir = Path(model_dir)
     unet_dir, scheduler_file = find_layout(model_dir)
     dev = resolve_device(device)
@@ -137,6 +149,12 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto")
             f"prediction_type={prediction_type!r}: only epsilon-prediction models are supported"
         )
     abar = alphas_cumprod_from_config(scheduler_config)
+    try:
+        noise_runtime = build_runtime(
+            runtime, unet, dev, autocast_dtype, threads=threads, instances=instances
+        )
+    except RuntimeUnavailable as exc:
+        raise ModelLoadError(str(exc)) from exc
     sha = weights_digest(unet_dir)
     card_path = model_dir / "README.md"
     sample_size = unet.config.sample_size
@@ -156,6 +174,7 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto")
         weights_sha256=sha,
         device=str(dev),
         dtype=str(autocast_dtype or weight_dtype).replace("torch.", ""),
+        runtime=noise_runtime.name,
         card=card_path.read_text(errors="replace") if card_path.is_file() else "",
     )
     log.info("loaded %s (%d params, %dpx) on %s", info.model_id, info.parameters, info.sample_size, dev)
@@ -165,4 +184,5 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto")
         device=dev,
         autocast_dtype=autocast_dtype,
         info=info,
+        runtime=noise_runtime,
     )

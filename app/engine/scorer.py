@@ -4,7 +4,8 @@ After ``load()``, ``run`` may be called from several threads at once (the batche
 the model is only read (weights, schedule; no scheduler object), each call builds its own tensors and noise
 generators, inference mode and autocast are thread-local, and the SSIM operators are cached read-only
 tensors (a racing first call only builds one twice). Torch releases the GIL inside operators, so concurrent
-calls use separate cores, each with the process's ``torch_threads`` intra-op threads. ``decode``/``prepare``
+calls use separate cores, each with the process's ``torch_threads`` intra-op threads; the exported runtimes
+(runtimes.py) are safe for concurrent calls too. ``decode``/``prepare``
 are thread-safe and meant for other threads. Nothing here knows about HTTP.
 """
 
@@ -38,6 +39,8 @@ class Scorer:
         dtype: str = "auto",
         options: MethodOptions | None = None,
         torch_threads: int | None = None,
+        runtime: str = "auto",
+        instances: int = 1,
         limits: DecodeLimits | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
@@ -45,6 +48,8 @@ class Scorer:
         self.dtype_name = dtype
         self.options = options or MethodOptions()
         self.torch_threads = torch_threads
+        self.runtime_name = runtime
+        self.instances = instances  # how many threads will call run() at once (sizes a runtime's streams)
         self.limits = limits or DecodeLimits()
         self._model: LoadedModel | None = None
         self._ready = threading.Event()
@@ -54,7 +59,14 @@ class Scorer:
         """Load weights onto the device and run one warm-up batch (first-call allocations, kernels)."""
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        self._model = load_model(self.model_dir, self.device_name, self.dtype_name)
+        self._model = load_model(
+            self.model_dir,
+            self.device_name,
+            self.dtype_name,
+            runtime=self.runtime_name,
+            threads=self.torch_threads,
+            instances=self.instances,
+        )
         if warmup_batch > 0:
             size = self._model.info.sample_size
             blank = torch.zeros(self._model.info.in_channels, size, size)

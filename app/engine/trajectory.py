@@ -5,7 +5,6 @@ Shapes: images and noise are (B, C, H, W); ``abar`` values are Python floats or 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -57,18 +56,10 @@ def content_noise(digests: Sequence[bytes], shape: tuple[int, ...], device: torc
     return out.to(device, non_blocking=True)
 
 
-def autocast(model: LoadedModel) -> contextlib.AbstractContextManager:
-    if model.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=model.device.type, dtype=model.autocast_dtype)
-
-
 def predict_noise(model: LoadedModel, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    """eps_theta(x_t, t) for the whole batch in one forward pass, returned in float32, NCHW-contiguous (a
-    channels_last UNet answers channels_last; the sums downstream flatten, which would copy anyway)."""
+    """eps_theta(x_t, t) for the whole batch in one forward pass of the model's runtime, float32, NCHW."""
     timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-    with autocast(model):
-        return model.unet(x_t, timesteps).sample.float().contiguous()
+    return model.runtime(x_t, timesteps)
 
 
 @dataclass

@@ -97,6 +97,7 @@ class ModelInfo:
     weights_sha256: str
     device: str
     dtype: str
+    runtime: str = "torch"  # what computes the UNet (runtimes.py)
     card: str = ""  # README.md of the model folder, if any
 
     def to_dict(self) -> dict[str, Any]:

@@ -102,7 +102,7 @@ class Metrics:
         self.model_info = Gauge(
             "anomaly_model_info",
             "Loaded model (value 1)",
-            ["model_id", "device", "dtype", "method"],
+            ["model_id", "device", "dtype", "runtime", "method"],
             registry=r,
         )
         self.ready = Gauge("anomaly_ready", "1 when the model is loaded and warmed up", registry=r)

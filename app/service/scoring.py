@@ -94,6 +94,8 @@ def engine_from_settings(settings: Settings, options: MethodOptions | None = Non
         dtype=settings.dtype,
         options=options or options_from_settings(settings),
         torch_threads=settings.torch_threads,
+        runtime=settings.runtime,
+        instances=settings.model_instances,
         limits=DecodeLimits(
             max_pixels=settings.max_image_pixels, allowed_formats=tuple(settings.allowed_formats)
         ),
@@ -150,7 +152,11 @@ class ScoringService:
         self._check_cpu_budget(info.device)
         self.batcher.start()
         self.metrics.model_info.labels(
-            model_id=info.model_id, device=info.device, dtype=info.dtype, method=self.engine.options.method
+            model_id=info.model_id,
+            device=info.device,
+            dtype=info.dtype,
+            runtime=info.runtime,
+            method=self.engine.options.method,
         ).set(1)
         if self.state == "loading":
             self.state = "ready"

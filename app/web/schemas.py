@@ -96,6 +96,7 @@ class ModelRef(BaseModel):
     steps: int
     device: str
     dtype: str
+    runtime: str = Field("torch", description="what computed the UNet: torch, onnxruntime or openvino")
 
 
 class ProfileRef(BaseModel):
@@ -125,6 +126,7 @@ class ScoreResponse(BaseModel):
                         "steps": 10,
                         "device": "cpu",
                         "dtype": "float32",
+                        "runtime": "torch",
                     },
                     "profile": {
                         "name": "default",
@@ -196,6 +198,7 @@ class ModelCard(BaseModel):
     weights_sha256: str
     device: str
     dtype: str
+    runtime: str = Field("torch", description="what computes the UNet (DDM_RUNTIME)")
     options: dict[str, Any] = Field(description="method options every profile must match")
     default_profile: str
     profiles: list[ProfileSummary]

@@ -85,6 +85,7 @@ def score_response(outcome: ScoreOutcome, request_id: str, with_features: bool) 
             steps=outcome.options.steps,
             device=model.device,
             dtype=model.dtype,
+            runtime=model.runtime,
         ),
         profile=ProfileRef(
             name=profile.name,
