@@ -22,11 +22,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype; auto = float32 on CPU, bfloat16 autocast on CUDA"
     )
-    runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto",
-        description="what computes the UNet: torch, or the UNet exported at start-up to ONNX Runtime "
-        "(float32) or OpenVINO (float32/bfloat16), CPU only; auto = onnxruntime for float32 and openvino for "
-        "bfloat16 on CPU, torch on CUDA",
+        description="what computes the UNet: torch, or onnxruntime (the UNet exported to ONNX at start-up; "
+        "CPU, float32); auto = onnxruntime for float32 on CPU, else torch",
     )
     method: Literal["diffpath-v2", "diffpath-6d", "diffpath-1d", "reconstruction"] = "diffpath-v2"
     steps: int = Field(10, ge=2, le=1000, description="trajectory steps K (UNet evaluations per image)")

@@ -15,7 +15,7 @@ alike (tables give the median over rounds):
 * the naive peer (``naive_peer.py``: one image at a time, plain loop, NumPy sums) -> engine speed-up;
 * that the naive peer and the engine give the same features (else the ratio would mean nothing);
 * with ``--variants``: the engine as shipped beside single changes to it (channels_last, the other thread
-  count, bf16 autocast, the ONNX Runtime and OpenVINO runtimes on CPU, ``torch.compile`` with ``--compile``)
+  count, bf16 autocast, torch vs ONNX Runtime on CPU, ``torch.compile`` with ``--compile``)
   at ``--variant-batches``.
 """
 
@@ -174,9 +174,13 @@ def variant_scorers(base: Scorer, args: argparse.Namespace) -> dict[str, tuple[S
     relaid = copy.deepcopy(model.unet).to(memory_format=other)
     layout.model.runtime = TorchRuntime(relaid, model.autocast_dtype, model.device)
     out["NCHW weights" if shipped_cl else "channels_last weights"] = (layout, args.threads)
-    if model.device.type == "cpu":
+    if model.device.type == "cpu":  # torch's pool is process-wide; an exported runtime sizes its own
         other_threads = 1 if torch.get_num_threads() > 1 else 2
-        out[f"torch threads = {other_threads}"] = (base, other_threads)
+        rethreaded = clone()
+        rethreaded.model.runtime = build_runtime(
+            model.runtime.name, model.unet, model.device, model.autocast_dtype, threads=other_threads
+        )
+        out[f"threads = {other_threads}"] = (rethreaded, other_threads)
     precisions = {"bf16 autocast": torch.bfloat16}
     if model.device.type == "cuda":
         precisions = {
@@ -189,12 +193,8 @@ def variant_scorers(base: Scorer, args: argparse.Namespace) -> dict[str, tuple[S
         for name, dtype in precisions.items()
         if dtype != model.autocast_dtype or model.runtime.name != "torch"
     }
-    if model.device.type == "cpu":  # the exported runtimes (runtimes.py), each beside the shipped engine
-        contenders |= {
-            "onnxruntime float32": ("onnxruntime", None),
-            "openvino float32": ("openvino", None),
-            "openvino bf16": ("openvino", torch.bfloat16),
-        }
+    if model.device.type == "cpu":  # the other runtime (runtimes.py) beside the shipped engine
+        contenders |= {"torch float32": ("torch", None), "onnxruntime float32": ("onnxruntime", None)}
     for name, (runtime, dtype) in contenders.items():
         if runtime == model.runtime.name and dtype == model.autocast_dtype:
             continue  # that is the engine as shipped

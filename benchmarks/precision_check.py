@@ -2,15 +2,15 @@
 against torch float32.
 
     python benchmarks/precision_check.py --json benchmarks/results/precision_cpu.json      # torch bf16 on CPU
-    python benchmarks/precision_check.py --contenders torch:bfloat16 openvino:bfloat16 \
-        onnxruntime:float32 openvino:float32 --json benchmarks/results/precision_runtimes.json
+    python benchmarks/precision_check.py --contenders torch:bfloat16 onnxruntime:float32 \
+        --json benchmarks/results/precision_runtimes.json
     python benchmarks/precision_check.py --device cuda --contenders torch:bfloat16 torch:float16 --json ...
 
 A profile is fitted on torch float32 features of ``--reference`` normal images; then held-out normal images
 and ``--ood`` images are scored from torch float32 features and from each contender's (runtime:dtype).
-Reported: feature differences in units of each feature's spread over the images, |score difference| (median, 95th
-percentile, max) in score units and as a fraction of the calibration scores' interquartile range, how many
-verdicts flip at the profile's 5% threshold, and AUROC (normal vs OOD) for each dtype. Not a test; the
+Reported: feature differences in units of each feature's spread over the images, |score difference| (median,
+95th percentile, max) in score units and as a fraction of the calibration scores' interquartile range, how
+many verdicts flip at the profile's 5% threshold, and AUROC (normal vs OOD) for each dtype. Not a test; the
 numbers go to docs/PERFORMANCE.md.
 """
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("not enough images")
     reference, held_out = normal[: args.reference], normal[args.reference : args.reference + args.test]
 
-    scorer = Scorer(args.model, device=args.device, dtype="float32")
+    scorer = Scorer(args.model, device=args.device, dtype="float32", runtime="torch")
     scorer.load(warmup_batch=0)
     fp32 = {name: features(scorer, paths, args.batch) for name, paths in
             (("reference", reference), ("normal", held_out), ("ood", ood))}  # fmt: skip

@@ -242,7 +242,6 @@ class EngineReference:
                 device=env.get("DDM_DEVICE", "auto"),
                 runtime=self.runtime,
                 torch_threads=threads,
-                instances=instances,
             )
             scorer.load(warmup_batch=2)
             self.scorers[threads, instances] = scorer

@@ -1,9 +1,10 @@
 """Against real uvicorn processes with the shipped model: concurrency and batching, metrics, auth, cancelled
 clients, overload, deadlines, the streaming byte cap, model instances and SIGTERM draining.
 
-Four servers for the module: ``main`` (default batching, API keys), ``two_instances`` (two model
-instances, batch 4), ``exported`` (the OpenVINO runtime, two instances) and ``small`` (batch 2, queue 4,
-64 KiB bodies, a shutdown delay; the last test stops it with SIGTERM). They share one profiles folder, and the "faces" profile is created through the API
+Four servers for the module: ``main`` (default batching and runtime, API keys), ``two_instances`` (two
+model instances, batch 4), ``torch_runtime`` (the UNet in torch rather than the default ONNX Runtime, two
+instances) and ``small`` (batch 2, queue 4, 64 KiB bodies, a shutdown delay; the last test stops it with
+SIGTERM). They share one profiles folder, and the "faces" profile is created through the API
 from 12 CelebA images.
 """
 
@@ -185,40 +186,39 @@ async def test_two_model_instances_score_as_one(main: LiveServer, two_instances:
     assert _delta(before, after, "anomaly_batch_size_sum") == 24
 
 
-# --- an exported runtime ------------------------------------------------------------------------------
+# --- the other UNet runtime ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def exported(
+def torch_runtime(
     main: LiveServer, live_server_module: Callable[..., LiveServer], profiles_dir: Path
 ) -> LiveServer:
     return live_server_module(
         {
             "DDM_PROFILES_DIR": str(profiles_dir),
-            "DDM_RUNTIME": "openvino",
-            "DDM_DTYPE": "float32",
+            "DDM_RUNTIME": "torch",
             "DDM_MODEL_INSTANCES": "2",
             "DDM_MAX_BATCH_SIZE": "4",
         }
     )
 
 
-async def test_openvino_runtime_serves_the_same_scores_under_concurrency(
-    main: LiveServer, exported: LiveServer
-) -> None:
+async def test_both_runtimes_serve_the_same_scores(main: LiveServer, torch_runtime: LiveServer) -> None:
     images = faces(0, 12)
     chunks = [images[i : i + 4] for i in range(0, 12, 4)]
-    async with AsyncAnomalyClient(main.url, api_key=KEY) as reference:
-        expected = [r.score for c in chunks for r in (await reference.score(c, profile=PROFILE)).results]
-    async with AsyncAnomalyClient(exported.url) as client:
-        answers = await asyncio.gather(*(client.score(c, profile=PROFILE) for c in chunks))
-        text = await client.metrics()
+    async with AsyncAnomalyClient(main.url, api_key=KEY) as default:
+        answers = await asyncio.gather(*(default.score(c, profile=PROFILE) for c in chunks))
+        default_text = await default.metrics()
+    async with AsyncAnomalyClient(torch_runtime.url) as client:
+        expected = [r.score for c in chunks for r in (await client.score(c, profile=PROFILE)).results]
         card = (await client.models()).models[0]
-    assert card.runtime == "openvino" and {a.model.runtime for a in answers} == {"openvino"}
-    # float32 in another runtime: features move by ~1e-4 (tests/test_runtimes.py), scores by far less than
-    # the 5% threshold's distance from a typical face; a different model or mixed-up batch moves them by ~10
+        torch_text = await client.metrics()
+    assert {a.model.runtime for a in answers} == {"onnxruntime"} and card.runtime == "torch"
+    # float32 in both: features move by ~1e-4 (tests/test_runtimes.py), scores by ~1e-3; a different model,
+    # timestep or mixed-up batch moves them by ~10
     got = [r.score for a in answers for r in a.results]
     assert got == pytest.approx(expected, abs=0.05)
-    assert metric(text, "anomaly_model_info", model_id=card.id, device="cpu", dtype="float32",
-                  runtime="openvino", method="diffpath-v2") == 1  # fmt: skip
+    labels = {"model_id": card.id, "device": "cpu", "dtype": "float32", "method": "diffpath-v2"}
+    assert metric(default_text, "anomaly_model_info", **labels, runtime="onnxruntime") == 1
+    assert metric(torch_text, "anomaly_model_info", **labels, runtime="torch") == 1
 
 
 # --- the small server ------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--profiles-dir", type=Path, metavar="DIR", help="calibration profiles (DDM_PROFILES_DIR)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="DDM_DEVICE")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="DDM_DTYPE")
-    p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime", "openvino"), help="DDM_RUNTIME")
+    p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), help="DDM_RUNTIME")
     p.add_argument("--max-batch-size", type=int, help="DDM_MAX_BATCH_SIZE")
     p.add_argument("--max-batch-delay-ms", type=float, help="DDM_MAX_BATCH_DELAY_MS")
     p.add_argument("--torch-threads", type=int, help="DDM_TORCH_THREADS")

@@ -39,7 +39,7 @@ class LoadedModel:
     device: torch.device
     autocast_dtype: torch.dtype | None  # bf16/fp16 autocast on CUDA, None = run in the weights' dtype
     info: ModelInfo
-    runtime: NoiseRuntime  # what computes eps_theta(x_t, t): torch, onnxruntime or openvino
+    runtime: NoiseRuntime  # what computes eps_theta(x_t, t): torch or onnxruntime
 
 
 def resolve_device(device: str) -> torch.device:
@@ -122,10 +122,9 @@ def load_model(
     *,
     runtime: str = "torch",
     threads: int | None = None,
-    instances: int = 1,
 ) -> LoadedModel:
-    """Load a diffusers folder; ``runtime`` picks what computes the UNet (runtimes.py), ``threads`` and
-    ``instances`` size a non-torch runtime's thread pool and streams (torch's are process-wide)."""
+    """Load a diffusers folder; ``runtime`` picks what computes the UNet (runtimes.py), ``threads`` sizes an
+    exported runtime's thread pool (torch's is process-wide)."""
     model_dir = Path(model_dir)
     unet_dir, scheduler_file = find_layout(model_dir)
     dev = resolve_device(device)
@@ -150,9 +149,7 @@ def load_model(
         )
     abar = alphas_cumprod_from_config(scheduler_config)
     try:
-        noise_runtime = build_runtime(
-            runtime, unet, dev, autocast_dtype, threads=threads, instances=instances
-        )
+        noise_runtime = build_runtime(runtime, unet, dev, autocast_dtype, threads=threads)
     except RuntimeUnavailable as exc:
         raise ModelLoadError(str(exc)) from exc
     sha = weights_digest(unet_dir)

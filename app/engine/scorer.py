@@ -40,7 +40,6 @@ class Scorer:
         options: MethodOptions | None = None,
         torch_threads: int | None = None,
         runtime: str = "auto",
-        instances: int = 1,
         limits: DecodeLimits | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
@@ -49,7 +48,6 @@ class Scorer:
         self.options = options or MethodOptions()
         self.torch_threads = torch_threads
         self.runtime_name = runtime
-        self.instances = instances  # how many threads will call run() at once (sizes a runtime's streams)
         self.limits = limits or DecodeLimits()
         self._model: LoadedModel | None = None
         self._ready = threading.Event()
@@ -65,7 +63,6 @@ class Scorer:
             self.dtype_name,
             runtime=self.runtime_name,
             threads=self.torch_threads,
-            instances=self.instances,
         )
         if warmup_batch > 0:
             size = self._model.info.sample_size

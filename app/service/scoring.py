@@ -95,7 +95,6 @@ def engine_from_settings(settings: Settings, options: MethodOptions | None = Non
         options=options or options_from_settings(settings),
         torch_threads=settings.torch_threads,
         runtime=settings.runtime,
-        instances=settings.model_instances,
         limits=DecodeLimits(
             max_pixels=settings.max_image_pixels, allowed_formats=tuple(settings.allowed_formats)
         ),

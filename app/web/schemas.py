@@ -96,7 +96,7 @@ class ModelRef(BaseModel):
     steps: int
     device: str
     dtype: str
-    runtime: str = Field("torch", description="what computed the UNet: torch, onnxruntime or openvino")
+    runtime: str = Field("torch", description="what computed the UNet: torch or onnxruntime")
 
 
 class ProfileRef(BaseModel):
