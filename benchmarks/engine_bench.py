@@ -118,12 +118,17 @@ def bare_unet(scorer: Scorer, batch: list[PreparedImage]) -> Callable[[], None]:
 
 
 def count_flops(scorer: Scorer, image: PreparedImage) -> dict[str, float]:
-    model = scorer.model
+    """FLOPs of one image, counted on the torch UNet: the counter sees torch operators only, so an exported
+    runtime's work would be invisible to it (the graph is the same; so is the arithmetic)."""
+    twin = copy.copy(scorer)
+    twin._model = copy.copy(scorer.model)
+    model = twin.model
+    model.runtime = TorchRuntime(model.unet, model.autocast_dtype, model.device)
     x = image.tensor[None].to(model.device)
     with FlopCounterMode(display=False) as per_eval, torch.inference_mode():
         predict_noise(model, x, 0)
     with FlopCounterMode(display=False) as per_image:
-        scorer.run([image])
+        twin.run([image])
     return {"unet_per_eval": per_eval.get_total_flops(), "per_image": per_image.get_total_flops()}
 
 
@@ -158,9 +163,14 @@ def load_images(scorer: Scorer, folder: Path, count: int) -> tuple[list[Prepared
 
 
 # --- variants -------------------------------------------------------------------------------------------
-def variant_scorers(base: Scorer, args: argparse.Namespace) -> dict[str, tuple[Scorer, int | None]]:
+def variant_scorers(
+    base: Scorer, args: argparse.Namespace, engine_threads: int
+) -> dict[str, tuple[Scorer, int | None]]:
     """The shipped engine and single changes to it: name -> (scorer, torch threads)."""
-    out: dict[str, tuple[Scorer, int | None]] = {"engine as shipped": (base, args.threads)}
+    out: dict[str, tuple[Scorer, int | None]] = {"engine as shipped": (base, engine_threads)}
+
+    def torch_threads_for(scorer: Scorer, threads: int) -> int:
+        return threads if scorer.model.runtime.name == "torch" else 1  # as Scorer.load sets it
 
     def clone() -> Scorer:
         twin = copy.copy(base)
@@ -173,14 +183,16 @@ def variant_scorers(base: Scorer, args: argparse.Namespace) -> dict[str, tuple[S
     other = torch.contiguous_format if shipped_cl else torch.channels_last
     relaid = copy.deepcopy(model.unet).to(memory_format=other)
     layout.model.runtime = TorchRuntime(relaid, model.autocast_dtype, model.device)
-    out["NCHW weights" if shipped_cl else "channels_last weights"] = (layout, args.threads)
+    out[f"torch, {'NCHW' if shipped_cl else 'channels_last'} weights"] = (layout, args.threads)
     if model.device.type == "cpu":  # torch's pool is process-wide; an exported runtime sizes its own
-        other_threads = 1 if torch.get_num_threads() > 1 else 2
+        other_threads = 1 if args.threads > 1 else 2
         rethreaded = clone()
         rethreaded.model.runtime = build_runtime(
             model.runtime.name, model.unet, model.device, model.autocast_dtype, threads=other_threads
         )
-        out[f"threads = {other_threads}"] = (rethreaded, other_threads)
+        out[f"threads = {other_threads}"] = (rethreaded, torch_threads_for(rethreaded, other_threads))
+        if model.runtime.name != "torch" and args.threads > 1:  # what Scorer.load's one torch thread buys
+            out[f"torch maths on {args.threads} threads too"] = (base, args.threads)
     precisions = {"bf16 autocast": torch.bfloat16}
     if model.device.type == "cuda":
         precisions = {
@@ -206,7 +218,7 @@ def variant_scorers(base: Scorer, args: argparse.Namespace) -> dict[str, tuple[S
         except RuntimeUnavailable as exc:
             print(f"variant {name} skipped: {exc}", file=sys.stderr)
             continue
-        out[name] = (variant, args.threads)
+        out[name] = (variant, torch_threads_for(variant, args.threads))
     if args.compile:
         compiled = clone()
         module = torch.compile(copy.deepcopy(model.unet), mode=args.compile_mode)
@@ -250,14 +262,17 @@ class Samples:
 
 # --- the run --------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # The configured thread count: torch's for a torch engine, the runtime's pool for an exported one
+    # (whose Scorer then leaves torch one thread for the trajectory maths). The matmul peak, the naive peer
+    # and the torch variants always get the configured count.
+    args.threads = args.threads or torch.get_num_threads()
     options = MethodOptions(steps=args.steps)
     scorer = Scorer(
         args.model, device=args.device, dtype=args.dtype, options=options, runtime=args.runtime,
         torch_threads=args.threads,
     )  # fmt: skip
     scorer.load(warmup_batch=2)
+    engine_threads = torch.get_num_threads()
     device = scorer.model.device
     images, decode_ms = load_images(scorer, args.images, max([*args.batch_sizes, args.naive_images]))
     flops = count_flops(scorer, images[0])
@@ -274,7 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch = batch_of(images, b)
         return images_per_second(lambda: engine.run(batch), b, args.min_images, device)
 
-    variants = variant_scorers(scorer, args) if args.variants else {}
+    variants = variant_scorers(scorer, args, engine_threads) if args.variants else {}
     warmup_s = {}
     for name, (variant, n_threads) in variants.items():  # first-call allocations, compilation
         with threads(n_threads):
@@ -291,21 +306,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for round_ in range(args.rounds):
         for b in list(batches):
             try:  # the peak right beside each engine measurement: load from other processes hits both
-                m.add(f"peak@{b}", matmul_peak(device, repeats=3))
-                if autocast is not None:
-                    m.add("peak_autocast", matmul_peak(device, autocast, repeats=3))
-                m.add(f"engine@{b}", engine_rate(scorer, b))
-                bare = bare_unet(scorer, batch_of(images, b))
-                m.add(f"bare@{b}", images_per_second(bare, b, args.min_images, device))
+                with threads(args.threads):
+                    m.add(f"peak@{b}", matmul_peak(device, repeats=3))
+                    if autocast is not None:
+                        m.add("peak_autocast", matmul_peak(device, autocast, repeats=3))
+                with threads(engine_threads):
+                    m.add(f"engine@{b}", engine_rate(scorer, b))
+                    bare = bare_unet(scorer, batch_of(images, b))
+                    m.add(f"bare@{b}", images_per_second(bare, b, args.min_images, device))
             except (DeviceOutOfMemory, torch.OutOfMemoryError):
                 batches = [x for x in batches if x < b]
                 torch.cuda.empty_cache()
-        m.add(
-            "naive",
-            len(naive_images) / sum(timed(lambda i=i: naive_features(i), device) for i in naive_images),
-        )
-        for b in (1, batches[-1]):  # the engine again right after the naive peer, for the ratio
-            m.add(f"engine_next_to_naive@{b}", engine_rate(scorer, b))
+        with threads(args.threads):
+            naive_s = sum(timed(lambda i=i: naive_features(i), device) for i in naive_images)
+        m.add("naive", len(naive_images) / naive_s)
+        with threads(engine_threads):
+            for b in (1, batches[-1]):  # the engine again right after the naive peer, for the ratio
+                m.add(f"engine_next_to_naive@{b}", engine_rate(scorer, b))
         for name, (variant, n_threads) in variants.items():
             with threads(n_threads):
                 for b in args.variant_batches:
@@ -314,9 +331,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Same maths? Both in float32 (reduced precision is precision_check.py's subject).
     naive_feats = np.stack([naive_features(image, None) for image in naive_images])
-    scorer.model.autocast_dtype = None
+    shipped_runtime = scorer.model.runtime
+    if autocast is not None:
+        scorer.model.runtime = TorchRuntime(scorer.model.unet, None, device)
     fast_feats = np.stack([s.features for s in scorer.run(naive_images)])
-    scorer.model.autocast_dtype = autocast
+    scorer.model.runtime = shipped_runtime
 
     rows = []
     for b in batches:
@@ -352,7 +371,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "device": str(device),
         "dtype": scorer.info.dtype,
-        "torch_threads": torch.get_num_threads(),
+        "runtime": scorer.info.runtime,
+        "torch_threads": args.threads,  # the configured count (see run())
+        "engine_torch_threads": engine_threads,
         "rounds": args.rounds,
         "decode_ms_per_image": decode_ms,
         "flops": flops,
@@ -394,8 +415,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 def print_report(r: dict[str, Any]) -> None:
     f, check = r["flops"], r["feature_check"]
     head = f"{r['model']} ({r['parameters'] / 1e6:.1f} M params, {r['sample_size']} px)"
-    print(f"{head}, {r['method']} K={r['steps']}, {r['device']} {r['dtype']}, {r['torch_threads']} threads, "
-          f"{r['rounds']} rounds (medians)")  # fmt: skip
+    print(f"{head}, {r['method']} K={r['steps']}, {r['device']} {r['dtype']} ({r['runtime']}), "
+          f"{r['torch_threads']} threads, {r['rounds']} rounds (medians)")  # fmt: skip
     print(f"FLOPs: {f['unet_per_eval'] / 1e9:.3f} G per UNet eval, {f['per_image'] / 1e9:.2f} G per image; "
           f"fp32 matmul peak {r['peak_gflops']:.0f} GFLOP/s; "
           f"decode {r['decode_ms_per_image']:.2f} ms/img")  # fmt: skip

@@ -25,6 +25,7 @@ def engine_plot(reports: list[dict], out: Path) -> None:
         rows = report["engine"]
         batches = [r["batch"] for r in rows]
         threads = f"{report['torch_threads']} thread{'s' if report['torch_threads'] > 1 else ''}"
+        threads += f", {report.get('runtime', 'torch')}"  # reports before runtimes existed were torch
         ax.plot(batches, [r["images_per_s"] for r in rows], "o-", color=color, label=f"engine, {threads}")
         naive = report["naive"]["images_per_s"]
         ax.axhline(naive, color=color, ls=":", lw=1, label=f"naive peer, {threads} ({naive:.1f})")

@@ -48,7 +48,7 @@ def test_service_load_compares_settings_in_one_run(tmp_path: Path) -> None:
     out = tmp_path / "service.json"
     args = [
         "--serve", "--env", f"DDM_MODEL_DIR={model}", "--env", "DDM_TORCH_THREADS=1", "--env", "DDM_STEPS=2",
-        "--setting", "one=DDM_MODEL_INSTANCES=1", "--setting", "two=DDM_MODEL_INSTANCES=2",
+        "--setting", "one=DDM_MODEL_INSTANCES=1", "--setting", "two=DDM_MODEL_INSTANCES=2,DDM_RUNTIME=torch",
         "--compare", "DDM_MAX_BATCH_SIZE=1", "--engine-reference", "--engine-runs", "1x1", "1x2",
         "--engine-batch", "2", "--images", str(images), "--count", "2", "-c", "1", "2", "-n", "2",
         "--warmup", "0", "--json", str(out),
@@ -61,4 +61,9 @@ def test_service_load_compares_settings_in_one_run(tmp_path: Path) -> None:
         assert [lv["ok"] for lv in setting["compare"]["levels"]] == [2, 2]
         assert setting["compare"]["server_env"]["DDM_MAX_BATCH_SIZE"] == "1"
         assert setting["summary"]["saturation_over_engine"] > 0
-    assert [(r["threads"], r["instances"]) for r in report["engine"]["runs"]] == [(1, 1), (1, 2)]
+    # one engine reference per UNet runtime, each setting divided by its own runtime's
+    assert sorted(report["engines"]) == ["auto", "torch"]
+    for engine in report["engines"].values():
+        assert [(r["threads"], r["instances"]) for r in engine["runs"]] == [(1, 1), (1, 2)]
+    engines = {s["name"]: s["summary"]["engine_img_s"] for s in report["settings"]}
+    assert engines == {"one": report["engines"]["auto"]["img_s"], "two": report["engines"]["torch"]["img_s"]}

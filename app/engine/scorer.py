@@ -64,6 +64,12 @@ class Scorer:
             runtime=self.runtime_name,
             threads=self.torch_threads,
         )
+        if self._model.runtime.name != "torch":
+            # The UNet's threads are the runtime's own pool now; torch keeps only the light trajectory
+            # maths (DDIM steps, SSIM, sums). Two spinning pools on the same cores slow each other down:
+            # ONNX Runtime on 2 threads with torch on 2 scored 5.9 / 16.2 images/s at batch 1 / 32, with
+            # torch on 1 thread 11.3 / 20.9 (PERFORMANCE.md, "runtimes").
+            torch.set_num_threads(1)
         if warmup_batch > 0:
             size = self._model.info.sample_size
             blank = torch.zeros(self._model.info.in_channels, size, size)
