@@ -61,6 +61,8 @@ def service_plot(reports: list[dict], out: Path) -> None:
         label = f"{env.get('DDM_TORCH_THREADS', 'default')} thr"
         if int(env.get("DDM_MODEL_INSTANCES", "1")) > 1:
             label += f" x {env['DDM_MODEL_INSTANCES']} inst"
+        if setting.get("name", "default") != "default":  # --setting NAME=...: the run's own name for it
+            label = f"{setting['name']} ({label})"
         runs = [("batching", setting["levels"])]
         if setting.get("compare"):
             runs.append(("max batch 1", setting["compare"]["levels"]))
@@ -82,7 +84,9 @@ def service_plot(reports: list[dict], out: Path) -> None:
         if engine and engine not in engines:
             engines.add(engine)
             thr.axhline(engine, color="grey", ls=":", lw=1)
-            thr.annotate("engine offline (best)", (clients[-1], engine), fontsize=6, va="bottom", ha="right")
+            runtime = env.get("DDM_RUNTIME", "")
+            thr.annotate(f"engine offline (best) {runtime}".strip(), (clients[-1], engine), fontsize=6,
+                         va="bottom", ha="right")  # fmt: skip
     clients = [lv["concurrency"] for lv in settings[0]["levels"]]
     for ax in (lat, thr):
         ax.set_xscale("log", base=2)
