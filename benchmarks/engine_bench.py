@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import naive_peer  # a sibling script, not a package
 
 from app.engine.preprocessing import PreparedImage
-from app.engine.runtimes import RuntimeUnavailable, TorchRuntime, build_runtime
+from app.engine.runtimes import RuntimeUnavailable, TorchRuntime, build_runtime, torch_threads_beside
 from app.engine.scorer import Scorer
 from app.engine.trajectory import predict_noise, trajectory_timesteps
 from app.engine.types import MethodOptions
@@ -169,9 +169,6 @@ def variant_scorers(
     """The shipped engine and single changes to it: name -> (scorer, torch threads)."""
     out: dict[str, tuple[Scorer, int | None]] = {"engine as shipped": (base, engine_threads)}
 
-    def torch_threads_for(scorer: Scorer, threads: int) -> int:
-        return threads if scorer.model.runtime.name == "torch" else 1  # as Scorer.load sets it
-
     def clone() -> Scorer:
         twin = copy.copy(base)
         twin._model = copy.copy(base.model)  # same weights unless the variant replaces the module
@@ -190,7 +187,10 @@ def variant_scorers(
         rethreaded.model.runtime = build_runtime(
             model.runtime.name, model.unet, model.device, model.autocast_dtype, threads=other_threads
         )
-        out[f"threads = {other_threads}"] = (rethreaded, torch_threads_for(rethreaded, other_threads))
+        out[f"threads = {other_threads}"] = (
+            rethreaded,
+            torch_threads_beside(rethreaded.model.runtime, other_threads),
+        )
         if model.runtime.name != "torch" and args.threads > 1:  # what Scorer.load's one torch thread buys
             out[f"torch maths on {args.threads} threads too"] = (base, args.threads)
     precisions = {"bf16 autocast": torch.bfloat16}
@@ -200,11 +200,7 @@ def variant_scorers(
             "bf16 autocast": torch.bfloat16,
             "fp16 autocast": torch.float16,
         }
-    contenders: dict[str, tuple[str, torch.dtype | None]] = {
-        f"torch {name}": ("torch", dtype)
-        for name, dtype in precisions.items()
-        if dtype != model.autocast_dtype or model.runtime.name != "torch"
-    }
+    contenders = {f"torch {name}": ("torch", dtype) for name, dtype in precisions.items()}
     if model.device.type == "cpu":  # the other runtime (runtimes.py) beside the shipped engine
         contenders |= {"torch float32": ("torch", None), "onnxruntime float32": ("onnxruntime", None)}
     for name, (runtime, dtype) in contenders.items():
@@ -218,7 +214,7 @@ def variant_scorers(
         except RuntimeUnavailable as exc:
             print(f"variant {name} skipped: {exc}", file=sys.stderr)
             continue
-        out[name] = (variant, torch_threads_for(variant, args.threads))
+        out[name] = (variant, torch_threads_beside(variant.model.runtime, args.threads))
     if args.compile:
         compiled = clone()
         module = torch.compile(copy.deepcopy(model.unet), mode=args.compile_mode)

@@ -226,9 +226,9 @@ class EngineReference:
     """The engine alone (``Scorer.run`` on one batch, no HTTP) in several set-ups ``threads x instances``:
     ``instances`` threads each run the same batch at the same time on the one model, with ``threads``
     intra-op threads (the service's DDM_TORCH_THREADS x DDM_MODEL_INSTANCES, without the service), in the
-    UNet runtime the env names (DDM_RUNTIME). Each set-up loads its own Scorer: an exported runtime sizes
-    its thread pool when it is built. The caller interleaves ``measure`` with the load levels, while the
-    servers are idle."""
+    UNet runtime the env names (DDM_RUNTIME). Each thread count loads its own Scorer: an exported runtime
+    sizes its thread pool when it is built. The caller interleaves ``measure`` with the load levels, while
+    the servers are idle."""
 
     def __init__(self, env: dict[str, str], folder: Path, batch: int, runs: list[tuple[int, int]]) -> None:
         from app.engine.scorer import Scorer
@@ -236,7 +236,7 @@ class EngineReference:
 
         self.runtime = env.get("DDM_RUNTIME", Settings.model_fields["runtime"].default)
         self.scorers = {}
-        for threads, instances in runs:
+        for threads in dict.fromkeys(t for t, _ in runs):
             scorer = Scorer(
                 ROOT / env.get("DDM_MODEL_DIR", "model_store/celeba32-ref"),
                 device=env.get("DDM_DEVICE", "auto"),
@@ -244,7 +244,7 @@ class EngineReference:
                 torch_threads=threads,
             )
             scorer.load(warmup_batch=2)
-            self.scorers[threads, instances] = scorer
+            self.scorers[threads] = scorer
         paths = sorted(folder.glob("*.png"))[:batch]
         first = next(iter(self.scorers.values()))
         self.batch = [first.decode(p.read_bytes()) for p in paths]
@@ -253,9 +253,12 @@ class EngineReference:
     def measure(self, rounds: int) -> None:
         import torch
 
+        from app.engine.runtimes import torch_threads_beside
+
         for run in self.runs:
-            scorer = self.scorers[run["threads"], run["instances"]]
-            torch.set_num_threads(run["threads"])
+            scorer = self.scorers[run["threads"]]
+            # as the service's Scorer.load sets it: torch on one thread beside an exported runtime's pool
+            torch.set_num_threads(torch_threads_beside(scorer.model.runtime, run["threads"]))
             with ThreadPoolExecutor(run["instances"]) as pool:
                 for i in range(rounds + 1):  # the first round warms this thread count and pool
                     start = time.perf_counter()

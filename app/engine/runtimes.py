@@ -114,6 +114,14 @@ class OnnxRuntime:
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
+def torch_threads_beside(runtime: NoiseRuntime, threads: int) -> int:
+    """Torch's intra-op threads next to ``runtime`` when the UNet gets ``threads``: all of them for torch
+    itself; one when the UNet runs in another runtime's own pool, which then needs the cores. Two spinning
+    pools on the same cores slow each other down: ONNX Runtime on 2 threads with torch on 2 scored 5.9 /
+    16.2 images/s at batch 1 / 32, with torch on 1 thread 11.3 / 20.9 (PERFORMANCE.md, "runtimes")."""
+    return threads if runtime.name == "torch" else 1
+
+
 def build_runtime(
     name: str,
     unet: UNet2DModel,

@@ -5,8 +5,8 @@ the model is only read (weights, schedule; no scheduler object), each call build
 generators, inference mode and autocast are thread-local, and the SSIM operators are cached read-only
 tensors (a racing first call only builds one twice). Torch releases the GIL inside operators, so concurrent
 calls use separate cores, each with the process's ``torch_threads`` intra-op threads; the exported runtimes
-(runtimes.py) are safe for concurrent calls too. ``decode``/``prepare``
-are thread-safe and meant for other threads. Nothing here knows about HTTP.
+(runtimes.py) are safe for concurrent calls too. ``decode``/``prepare`` are thread-safe and meant for other
+threads. Nothing here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from PIL import Image
 
 from app.engine.model_loading import LoadedModel, load_model
 from app.engine.preprocessing import DecodeLimits, PreparedImage, decode_image, prepare
+from app.engine.runtimes import torch_threads_beside
 from app.engine.statistics import BatchStats, batch_statistics
 from app.engine.types import ImageStats, MethodOptions, ModelInfo
 from app.errors import DeviceOutOfMemory, EngineFailure, ModelNotReady
@@ -64,12 +65,8 @@ class Scorer:
             runtime=self.runtime_name,
             threads=self.torch_threads,
         )
-        if self._model.runtime.name != "torch":
-            # The UNet's threads are the runtime's own pool now; torch keeps only the light trajectory
-            # maths (DDIM steps, SSIM, sums). Two spinning pools on the same cores slow each other down:
-            # ONNX Runtime on 2 threads with torch on 2 scored 5.9 / 16.2 images/s at batch 1 / 32, with
-            # torch on 1 thread 11.3 / 20.9 (PERFORMANCE.md, "runtimes").
-            torch.set_num_threads(1)
+        # torch keeps only the light trajectory maths when the UNet runs in another runtime's pool
+        torch.set_num_threads(torch_threads_beside(self._model.runtime, torch.get_num_threads()))
         if warmup_batch > 0:
             size = self._model.info.sample_size
             blank = torch.zeros(self._model.info.in_channels, size, size)
