@@ -1,0 +1,111 @@
+"""``ddm_anomaly.json``: what a diffusers folder cannot say about a model, kept beside ``unet/``.
+
+diffusers' ``UNet2DModel`` config describes the network and ``scheduler_config.json`` the noise schedule,
+but not how the network was *called* by the code that trained it (improved-diffusion feeds ``t * 1000/T``,
+learned-sigma models answer 6 channels of which the first 3 are epsilon) nor how its training images were
+made (DiffPath's CelebA: centre crop 140, bilinear resize to 32). Importers write this file; the loader and
+preprocessing read it. A folder without the file is a plain diffusers model: integer timesteps, every
+output channel is epsilon, largest centred square resized to the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SIDECAR_FILE = "ddm_anomaly.json"
+SIDECAR_VERSION = 1
+INPUT_TRANSFORMS = ("center_square_resize", "center_crop_resize", "box_crop_resize")
+INTERPOLATIONS = ("bicubic", "bilinear")
+
+
+class SidecarError(ValueError):
+    """The sidecar exists but does not describe a model this version can run."""
+
+
+@dataclass(frozen=True)
+class InputTransform:
+    """How an uploaded image becomes the model's input, before scaling to [-1, 1].
+
+    ``center_square_resize``: the largest centred square, resized to the model size (the default).
+    ``center_crop_resize``: a centred ``crop`` x ``crop`` box (torchvision CenterCrop), then resize.
+    ``box_crop_resize``: the box ``(left, top, crop, crop)``, then resize (DDIM's CelebA crop).
+    """
+
+    kind: str = "center_square_resize"
+    interpolation: str = "bicubic"
+    crop: int | None = None
+    left: int | None = None
+    top: int | None = None
+
+    def validate(self) -> None:
+        if self.kind not in INPUT_TRANSFORMS:
+            raise SidecarError(f"input_transform.kind {self.kind!r} not one of {INPUT_TRANSFORMS}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise SidecarError(
+                f"input_transform.interpolation {self.interpolation!r} not one of {INTERPOLATIONS}"
+            )
+        if self.kind != "center_square_resize" and (self.crop is None or self.crop < 1):
+            raise SidecarError(f"input_transform {self.kind} needs a positive crop size")
+        if self.kind == "box_crop_resize" and (self.left is None or self.top is None):
+            raise SidecarError("input_transform box_crop_resize needs left and top")
+
+
+@dataclass(frozen=True)
+class ModelSidecar:
+    """Calling convention and input transform of a model folder (defaults = a plain diffusers model)."""
+
+    timestep_scale: float = 1.0  # the network receives t_index * timestep_scale (improved-diffusion: 1000/T)
+    epsilon_channels: int | None = None  # first N output channels are epsilon; None = all of them
+    input_transform: InputTransform = field(default_factory=InputTransform)
+    source: dict[str, Any] = field(default_factory=dict)  # provenance: format, checkpoint sha256, flags
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": SIDECAR_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelSidecar:
+        if not isinstance(data, dict):
+            raise SidecarError("sidecar must be a JSON object")
+        version = data.get("version")
+        if version != SIDECAR_VERSION:
+            raise SidecarError(f"sidecar version {version!r} not supported (expected {SIDECAR_VERSION})")
+        known = {"version", "timestep_scale", "epsilon_channels", "input_transform", "source"}
+        unknown = set(data) - known
+        if unknown:
+            raise SidecarError(f"unknown sidecar fields: {sorted(unknown)}")
+        try:
+            transform = InputTransform(**data.get("input_transform", {}))
+            sidecar = cls(
+                timestep_scale=float(data.get("timestep_scale", 1.0)),
+                epsilon_channels=data.get("epsilon_channels"),
+                input_transform=transform,
+                source=dict(data.get("source", {})),
+            )
+        except TypeError as exc:
+            raise SidecarError(f"malformed sidecar: {exc}") from exc
+        transform.validate()
+        if not sidecar.timestep_scale > 0:
+            raise SidecarError("timestep_scale must be positive")
+        if sidecar.epsilon_channels is not None and int(sidecar.epsilon_channels) < 1:
+            raise SidecarError("epsilon_channels must be positive")
+        return sidecar
+
+    def write(self, model_dir: Path) -> Path:
+        path = Path(model_dir) / SIDECAR_FILE
+        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+        return path
+
+
+def read_sidecar(model_dir: str | Path) -> ModelSidecar:
+    """The folder's sidecar, or the plain-diffusers defaults when it has none."""
+    path = Path(model_dir) / SIDECAR_FILE
+    if not path.is_file():
+        return ModelSidecar()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SidecarError(f"{path}: not readable JSON: {exc}") from exc
+    return ModelSidecar.from_json(data)
