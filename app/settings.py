@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(10.0, ge=0.0, le=10_000.0)
     max_queue_images: int = Field(256, ge=1)
     request_timeout_s: float = Field(60.0, gt=0.0)
+    min_request_timeout_s: float = Field(
+        0.5,
+        gt=0.0,
+        description="the shortest deadline a client may ask for (?timeout_s); shorter ones are refused with "
+        "422 instead of a certain 504. Published in the OpenAPI schema",
+    )
 
     # --- input limits ------------------------------------------------------------------------------
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)

@@ -34,6 +34,7 @@ def running(tmp_path: Path, fake: FakeScorer, wait: bool = True, **overrides: An
         "profiles_dir": tmp_path / "profiles",
         "allow_open_profile_creation": True,
         "max_batch_delay_ms": 1.0,
+        "min_request_timeout_s": 0.01,  # lets a test ask for a deadline that expires while a batch is held
         **overrides,
     }
     app = create_app(Settings(**options), engine=fake)
@@ -240,7 +241,9 @@ def test_profile_json_body_and_refusals(client: TestClient) -> None:
     assert created.status_code == 201, created.text
     assert set(created.json()["thresholds"]) == {"0.01", "0.05", "0.2"}
     error_of(client.post("/v1/profiles", json={"name": "json-made", "images": images}), 400, "bad_input")
-    error_of(client.post("/v1/profiles", json={"name": "../etc", "images": images}), 400, "bad_input")
+    error_of(
+        client.post("/v1/profiles", json={"name": "../etc", "images": images}), 422, "validation"
+    )  # the schema's name pattern
     error_of(client.post("/v1/profiles", json={"name": "few", "images": images[:3]}), 400, "bad_input")
     files = [("files", (f"{i}.png", png(i), "image/png")) for i in range(10)]
     error_of(client.post("/v1/profiles", files=files), 400, "bad_input")  # no name
@@ -316,11 +319,21 @@ BAD_REQUESTS = [
         422,
         "validation",
     ),
+    # what the published schema refuses is refused as a validation error (422), before any image is read
     (
         "bad profile",
         {"params": {"profile": "../../x"}, "content": png(1), "headers": PNG_BODY},
-        400,
-        "bad_input",
+        422,
+        "validation",
+    ),
+    ("bad profile in body", {"json": {"images": [{"data": "aGk="}], "profile": "a/b"}}, 422, "validation"),
+    ("empty data", {"json": {"images": [{"data": ""}]}}, 422, "validation"),
+    ("empty id", {"json": {"images": [{"id": "", "data": b64(png(1))}]}}, 422, "validation"),
+    (
+        "deadline no request can meet",
+        {"params": {"timeout_s": "5e-324"}, "content": png(1), "headers": PNG_BODY},
+        422,
+        "validation",
     ),
 ]
 

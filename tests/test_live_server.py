@@ -83,6 +83,7 @@ def small(main: LiveServer, live_server_module: Callable[..., LiveServer], profi
             "DDM_MAX_IMAGES_PER_REQUEST": "4",
             "DDM_MAX_UPLOAD_BYTES": str(64 * 1024),
             "DDM_SHUTDOWN_DELAY_S": "1.5",
+            "DDM_MIN_REQUEST_TIMEOUT_S": "0.01",  # a deadline that expires behind a running batch
         }
     )
 

@@ -28,6 +28,7 @@ from app.errors import InvalidInput, ProfileMismatch
 
 FORMAT_VERSION = 1
 DEFAULT_FPRS = (0.01, 0.05, 0.1)
+MAX_FPRS = 32  # every answer carries one threshold per rate: a bounded list keeps answers small
 MAX_PROFILE_BYTES = 8 * 1024 * 1024
 MIN_REFERENCE_IMAGES = 10
 RANDOM_STATE = 0
@@ -344,6 +345,17 @@ def fpr_key(fpr: float) -> str:
     return f"{fpr:g}"
 
 
+def validate_fprs(fprs: tuple[float, ...], default_fpr: float) -> tuple[float, ...]:
+    """The sorted rates a profile keeps thresholds for (``default_fpr`` included); refused when any lies
+    outside (0, 1) or there are more than ``MAX_FPRS`` of them. Cheap: callers check before computing."""
+    rates = tuple(sorted(set(fprs) | {default_fpr}))
+    if not all(0.0 < f < 1.0 for f in rates):  # also refuses NaN
+        raise InvalidInput("false-positive rates must lie in (0, 1)")
+    if len(rates) > MAX_FPRS:
+        raise InvalidInput(f"{len(rates)} false-positive rates; a profile keeps at most {MAX_FPRS}")
+    return rates
+
+
 def fit_profile(
     name: str,
     features: np.ndarray,
@@ -366,9 +378,7 @@ def fit_profile(
         raise InvalidInput(f"calibration needs at least {MIN_REFERENCE_IMAGES} images, got {len(features)}")
     if not np.isfinite(features).all():
         raise InvalidInput("some reference images gave non-finite features")
-    fprs = tuple(sorted(set(fprs) | {default_fpr}))
-    if not all(0.0 < f < 1.0 for f in fprs):
-        raise InvalidInput("false-positive rates must lie in (0, 1)")
+    fprs = validate_fprs(fprs, default_fpr)
     density_cls = density_for(options.method)
     kwargs = {
         "max_components": options.mixture_max_components,

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
-from app.engine.calibration import DEFAULT_FPRS, Profile, fit_profile
+from app.engine.calibration import DEFAULT_FPRS, Profile, fit_profile, validate_fprs
 from app.engine.explain import heatmap_png
 from app.engine.preprocessing import DecodeLimits, PreparedImage
 from app.engine.profile_store import ProfileStore, validate_profile_name
@@ -288,6 +288,7 @@ class ScoringService:
         """Score normal images through the shared queue, fit a profile, persist it; usable at once."""
         store = self._check_ready()
         validate_profile_name(name)
+        validate_fprs(tuple(fprs), default_fpr)  # before any image is computed
         if len(images) > self.settings.max_profile_images:
             raise PayloadTooLarge(
                 f"{len(images)} images; a profile takes at most {self.settings.max_profile_images}"

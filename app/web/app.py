@@ -14,6 +14,7 @@ from app.service.scoring import Engine, ScoringService
 from app.settings import Settings
 from app.web.errors import install_error_handlers
 from app.web.middleware import RequestContext
+from app.web.openapi import publish_limits
 from app.web.routes import health, models, scoring
 
 DESCRIPTION = """Zero-shot image anomaly scoring along a pretrained diffusion model's denoising trajectory.
@@ -49,4 +50,9 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.add_middleware(RequestContext, metrics=metrics, body_limit=body_limit)
     for module in (scoring, models, health):
         app.include_router(module.router)
+    publish_limits(
+        app,
+        {"/v1/score": settings.max_images_per_request, "/v1/profiles": settings.max_profile_images},
+        min_timeout_s=settings.min_request_timeout_s,
+    )
     return app

@@ -61,7 +61,7 @@ ERROR_TABLE: tuple[tuple[type[Exception], int, str], ...] = (
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
 NOT_READY_RETRY_AFTER_S = 5
 
-# For OpenAPI: the error answers every scoring route may give.
+# For OpenAPI: every error answer the service gives; each route lists its own with ``error_responses``.
 ERROR_RESPONSES: dict[int | str, dict] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in (
@@ -78,6 +78,11 @@ ERROR_RESPONSES: dict[int | str, dict] = {
         (504, "deadline passed"),
     )
 }
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """The OpenAPI ``responses`` entries of one operation's possible errors."""
+    return {status: ERROR_RESPONSES[status] for status in statuses}
 
 
 def classify(exc: BaseException) -> tuple[int, str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import FastAPI
 from pydantic import BaseModel
 
 from app.web.uploads import RAW_IMAGE_TYPES
@@ -49,3 +50,30 @@ def request_body(
         for kind in RAW_IMAGE_TYPES:
             content[kind] = {"schema": {"type": "string", "format": "binary"}}
     return {"requestBody": {"required": True, "content": content}}
+
+
+def publish_limits(app: FastAPI, image_caps: dict[str, int], min_timeout_s: float) -> None:
+    """Write the deployment's limits (settings) into the served schema, so the schema refuses what the
+    handler refuses: ``maxItems`` of the JSON ``images`` list and the multipart ``files`` parts
+    (``image_caps``: path -> the most images one request may carry), and the minimum of ``timeout_s``."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        for path, cap in image_caps.items():
+            content = schema["paths"][path]["post"]["requestBody"]["content"]
+            content["application/json"]["schema"]["properties"]["images"]["maxItems"] = cap
+            content["multipart/form-data"]["schema"]["properties"]["files"]["maxItems"] = cap
+            content["multipart/form-data"]["schema"]["properties"]["files"]["minItems"] = 1
+        for parameter in schema["paths"]["/v1/score"]["post"]["parameters"]:
+            if parameter["name"] == "timeout_s":
+                for option in parameter["schema"].get("anyOf", [parameter["schema"]]):
+                    if option.get("type") == "number":
+                        option.pop("exclusiveMinimum", None)
+                        option["minimum"] = min_timeout_s
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.engine.calibration import MAX_FPRS
+from app.engine.profile_store import PROFILE_NAME
+
+# The exact rules the handlers apply, published so generated clients can check before sending
+# (docs/API.md, "Limits"). Image-count caps depend on settings and are filled in by ``app.web.openapi``.
+PROFILE_NAME_PATTERN = f"^{PROFILE_NAME.pattern}$"
+PROFILE_NAME_MAX = 81  # 64 + '.' + 16
+ProfileName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=PROFILE_NAME_MAX,
+        pattern=PROFILE_NAME_PATTERN,
+        description="letters, digits, '_' '-', optionally one '.suffix'; starts with a letter or digit",
+    ),
+]
+FalsePositiveRate = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
 def _example_png() -> str:
@@ -27,9 +45,13 @@ EXAMPLE_PNG_B64 = _example_png()
 class ImageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str | None = Field(None, max_length=200, description="echoed in the result; default: the index")
+    id: str | None = Field(
+        None, min_length=1, max_length=200, description="echoed in the result; default: the index"
+    )
     data: str = Field(
-        description="the encoded image file, base64 (standard or URL-safe alphabet; a data: URL works)"
+        min_length=1,
+        description="the encoded image file, base64 (standard or URL-safe alphabet; a data: URL works)",
+        json_schema_extra={"contentEncoding": "base64"},
     )
 
 
@@ -42,7 +64,7 @@ class ScoreRequest(BaseModel):
     )
 
     images: list[ImageIn] = Field(min_length=1)
-    profile: str | None = Field(None, description="calibration profile; default: the service default")
+    profile: ProfileName | None = Field(None, description="calibration profile; default: the service default")
     explain: bool | None = Field(None, description="add a heat-map PNG per image")
     features: bool | None = Field(None, description="add the feature vector and per-timestep statistics")
 
@@ -52,9 +74,14 @@ class ProfileRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=81, description="letters, digits, '_' '-', one '.suffix'")
+    name: ProfileName
     images: list[ImageIn] = Field(min_length=1, description="normal images of the new domain (10 or more)")
-    fprs: list[float] | None = Field(None, description="false-positive rates to keep thresholds for")
+    fprs: list[FalsePositiveRate] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_FPRS - 1,  # default_fpr is always kept as well
+        description="false-positive rates to keep thresholds for (default_fpr is added)",
+    )
     default_fpr: float = Field(0.05, gt=0.0, lt=1.0, description="the rate whose threshold decides")
     overwrite: bool = False
     source: str = Field("", max_length=500, description="free text: where the images came from")

@@ -2,31 +2,66 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from app.engine.calibration import DEFAULT_FPRS
+from app.engine.calibration import DEFAULT_FPRS, MAX_FPRS
 from app.errors import InvalidInput
 from app.web.deps import AdminAccess, Admission, ClientAccess, ServiceDep, SettingsDep
-from app.web.errors import ERROR_RESPONSES
+from app.web.errors import error_responses
 from app.web.openapi import request_body
-from app.web.schemas import ModelCard, ModelList, ProfileRequest, ProfileSummary
+from app.web.schemas import (
+    PROFILE_NAME_MAX,
+    PROFILE_NAME_PATTERN,
+    ModelCard,
+    ModelList,
+    ProfileRequest,
+    ProfileSummary,
+)
 from app.web.uploads import form_flag, read_upload, until_disconnected
 
 router = APIRouter(tags=["models"])
 
-PROFILE_FORM_FIELDS = {
-    "name": {"type": "string", "description": "profile name: letters, digits, '_' '-', one '.suffix'"},
-    "fprs": {"type": "string", "description": "comma-separated false-positive rates, e.g. 0.01,0.05"},
-    "default_fpr": {"type": "number", "description": "the rate whose threshold decides (default 0.05)"},
+# A decimal in (0, 1) per entry ("0.05", ".1", "1e-3"); the count and the range are checked by the handler.
+FPRS_FIELD_PATTERN = r"^\s*[0-9.eE+-]+\s*(,\s*[0-9.eE+-]+\s*)*,?\s*$"
+FPRS_FIELD_MAX = 32 * MAX_FPRS
+SOURCE_MAX = 500
+
+PROFILE_FORM_FIELDS: dict[str, dict[str, Any]] = {
+    "name": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": PROFILE_NAME_MAX,
+        "pattern": PROFILE_NAME_PATTERN,
+        "description": "profile name: letters, digits, '_' '-', one '.suffix'",
+    },
+    "fprs": {
+        "type": "string",
+        "maxLength": FPRS_FIELD_MAX,
+        "pattern": FPRS_FIELD_PATTERN,
+        "description": f"comma-separated false-positive rates in (0, 1), at most {MAX_FPRS - 1}: 0.01,0.05",
+    },
+    "default_fpr": {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "exclusiveMaximum": 1,
+        "description": "the rate whose threshold decides (default 0.05)",
+    },
     "overwrite": {"type": "boolean", "description": "replace a profile of the same name"},
-    "source": {"type": "string", "description": "free text: where the images came from"},
+    "source": {
+        "type": "string",
+        "maxLength": SOURCE_MAX,
+        "description": "free text: where the images came from",
+    },
 }
 
 
-@router.get("/v1/models", response_model=ModelList, dependencies=[ClientAccess], responses=ERROR_RESPONSES)
+@router.get(
+    "/v1/models", response_model=ModelList, dependencies=[ClientAccess], responses=error_responses(401, 503)
+)
 async def list_models(service: ServiceDep) -> ModelList:
     """The loaded base model with its method options and calibration profiles."""
     card = await run_in_threadpool(service.describe_model)  # reads the profile files
@@ -34,7 +69,10 @@ async def list_models(service: ServiceDep) -> ModelList:
 
 
 @router.get(
-    "/v1/models/{model_id}", response_model=ModelCard, dependencies=[ClientAccess], responses=ERROR_RESPONSES
+    "/v1/models/{model_id}",
+    response_model=ModelCard,
+    dependencies=[ClientAccess],
+    responses=error_responses(401, 404, 503),
 )
 async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
     """One model by id (``name@weights-hash``) or by name."""
@@ -46,7 +84,7 @@ async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
     status_code=201,
     response_model=ProfileSummary,
     dependencies=[AdminAccess, Admission],
-    responses=ERROR_RESPONSES,
+    responses=error_responses(400, 401, 403, 413, 415, 422, 500, 503, 504),
     openapi_extra=request_body(ProfileRequest, PROFILE_FORM_FIELDS, ["name"], raw_image=False),
     summary="Create a calibration profile from normal images (admin)",
 )
@@ -74,15 +112,25 @@ def _form_options(fields: dict[str, str]) -> tuple[str, dict[str, Any]]:
     name = fields.get("name")
     if not name:
         raise InvalidInput("form field 'name' is required")
+    fprs_text = fields.get("fprs")
+    if fprs_text is not None and (
+        len(fprs_text) > FPRS_FIELD_MAX or not re.match(FPRS_FIELD_PATTERN, fprs_text)
+    ):
+        raise InvalidInput("form field 'fprs' must be comma-separated numbers, e.g. 0.01,0.05")
     try:
-        fprs = tuple(float(f) for f in fields["fprs"].split(",") if f.strip()) if "fprs" in fields else None
+        fprs = tuple(float(f) for f in fprs_text.split(",") if f.strip()) if fprs_text is not None else None
         default_fpr = float(fields.get("default_fpr", "0.05"))
     except ValueError:
         raise InvalidInput("fprs and default_fpr must be numbers") from None
+    if fprs is not None and len(fprs) > MAX_FPRS - 1:
+        raise InvalidInput(f"form field 'fprs' lists {len(fprs)} rates; at most {MAX_FPRS - 1}")
+    source = fields.get("source", "")
+    if len(source) > SOURCE_MAX:
+        raise InvalidInput(f"form field 'source' is over {SOURCE_MAX} characters")
     options = {
         "fprs": fprs or DEFAULT_FPRS,
         "default_fpr": default_fpr,
         "overwrite": bool(form_flag(fields, "overwrite")),
-        "source": fields.get("source", "")[:500],
+        "source": source,
     }
     return name, options

@@ -8,12 +8,15 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.exceptions import RequestValidationError
 
 from app.service.scoring import ImageResult, ScoreOutcome
 from app.web.deps import Admission, ClientAccess, RequestId, ServiceDep, SettingsDep
-from app.web.errors import ERROR_RESPONSES
+from app.web.errors import error_responses
 from app.web.openapi import request_body
 from app.web.schemas import (
+    PROFILE_NAME_MAX,
+    PROFILE_NAME_PATTERN,
     FeatureDetail,
     ImageScore,
     ModelRef,
@@ -26,8 +29,14 @@ from app.web.uploads import form_flag, read_upload_by, until_disconnected
 
 router = APIRouter(tags=["scoring"])
 
-SCORE_FORM_FIELDS = {
-    "profile": {"type": "string", "description": "calibration profile (default: the service default)"},
+SCORE_FORM_FIELDS: dict[str, dict[str, Any]] = {
+    "profile": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": PROFILE_NAME_MAX,
+        "pattern": PROFILE_NAME_PATTERN,
+        "description": "calibration profile (default: the service default)",
+    },
     "explain": {"type": "boolean", "description": "add a heat-map PNG per image"},
     "features": {"type": "boolean", "description": "add feature vectors and per-timestep statistics"},
 }
@@ -37,7 +46,7 @@ SCORE_FORM_FIELDS = {
     "/v1/score",
     response_model=ScoreResponse,
     dependencies=[ClientAccess, Admission],
-    responses=ERROR_RESPONSES,
+    responses=error_responses(400, 401, 404, 409, 413, 415, 422, 500, 503, 504),
     openapi_extra=request_body(ScoreRequest, SCORE_FORM_FIELDS, [], raw_image=True),
     summary="Score images for anomaly",
 )
@@ -46,17 +55,41 @@ async def score(
     service: ServiceDep,
     settings: SettingsDep,
     request_id: RequestId,
-    profile: Annotated[str | None, Query(max_length=81, description="calibration profile")] = None,
+    profile: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=PROFILE_NAME_MAX,
+            pattern=PROFILE_NAME_PATTERN,
+            description="calibration profile",
+        ),
+    ] = None,
     explain: Annotated[bool, Query(description="add a heat-map PNG per image")] = False,
     features: Annotated[bool, Query(description="add feature vectors and per-timestep statistics")] = False,
     timeout_s: Annotated[
-        float | None, Query(gt=0, description="deadline for this request; capped at the server's")
+        float | None,
+        Query(
+            gt=0,
+            description="deadline for this request in seconds, at least DDM_MIN_REQUEST_TIMEOUT_S (the "
+            "schema's minimum); capped at the server's DDM_REQUEST_TIMEOUT_S",
+        ),
     ] = None,
 ) -> ScoreResponse:
     """Send images as multipart ``files`` parts, as JSON ``{"images": [{"id", "data": base64}]}``, or one
     raw image body. Options come from the query, from form fields, or from the JSON body (the body wins).
     Results keep request order. Past the deadline the answer is 504; a full queue answers 503 with
     Retry-After at once."""
+    if timeout_s is not None and timeout_s < settings.min_request_timeout_s:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "greater_than_equal",
+                    "loc": ("query", "timeout_s"),
+                    "msg": f"Input should be greater than or equal to {settings.min_request_timeout_s:g}",
+                    "input": timeout_s,
+                }
+            ]
+        )
     received = request.scope["state"].get("received_at", time.monotonic())
     deadline = received + min(settings.request_timeout_s, timeout_s or math.inf)
     upload = await read_upload_by(request, ScoreRequest, settings.max_images_per_request, deadline)
