@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "app.commands.evaluate",
     "app.commands.train",
     "app.commands.sample",
+    "app.commands.import_",
 )
 
 

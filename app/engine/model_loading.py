@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
 
+from app.engine.model.sidecar import ModelSidecar, SidecarError, read_sidecar
 from app.engine.runtimes import NoiseRuntime, RuntimeUnavailable, build_runtime
 from app.engine.types import ModelInfo
 
@@ -40,6 +41,12 @@ class LoadedModel:
     autocast_dtype: torch.dtype | None  # bf16/fp16 autocast on CUDA, None = run in the weights' dtype
     info: ModelInfo
     runtime: NoiseRuntime  # what computes eps_theta(x_t, t): torch or onnxruntime
+    # ddm_anomaly.json: calling convention (applied inside ``runtime``) and input transform; defaults for a
+    # plain diffusers folder
+    sidecar: ModelSidecar = field(default_factory=ModelSidecar)
+    # (T,) float64 on the CPU: the exact schedule for code that computes its coefficients in float64
+    # (improved-diffusion); ``alphas_cumprod`` is this cast to float32
+    alphas_cumprod64: torch.Tensor | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -91,9 +98,21 @@ def find_layout(model_dir: Path) -> tuple[Path, Path]:
     return unet_dir, scheduler_file
 
 
-def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
-    """abar_t from a diffusers scheduler config, by the scheduler class it names (never hard-coded)."""
+def alphas_cumprod_from_config(config: dict, float64: bool = False) -> torch.Tensor:
+    """abar_t from a diffusers scheduler config, by the scheduler class it names (never hard-coded).
+
+    ``float64`` (an imported improved-diffusion model's sidecar asks for it): the float64 cumulative product
+    of the config's ``trained_betas``, as the original numpy code computes it; diffusers itself rounds the
+    betas to float32 first, which moves sqrt(1/abar - 1) at t = 0 by 1e-3 relative."""
     import diffusers
+
+    if float64:
+        betas = config.get("trained_betas")
+        if not betas:
+            raise ModelLoadError(
+                "the sidecar asks for a float64 schedule but the scheduler has no trained_betas"
+            )
+        return torch.cumprod(1.0 - torch.tensor(betas, dtype=torch.float64), dim=0)
 
     class_name = config.get("_class_name", "DDPMScheduler")
     scheduler_cls = getattr(diffusers, class_name, None)
@@ -127,6 +146,10 @@ def load_model(
     exported runtime's thread pool (torch's is process-wide)."""
     model_dir = Path(model_dir)
     unet_dir, scheduler_file = find_layout(model_dir)
+    try:
+        sidecar = read_sidecar(model_dir)
+    except SidecarError as exc:
+        raise ModelLoadError(f"{model_dir}: {exc}") from exc
     dev = resolve_device(device)
     weight_dtype, autocast_dtype = resolve_dtype(dtype, dev)
     try:
@@ -135,8 +158,19 @@ def load_model(
         )
     except Exception as exc:  # diffusers raises many types for a bad folder; one clear error for us
         raise ModelLoadError(f"{unet_dir}: cannot load UNet2DModel: {exc}") from exc
-    if unet.config.out_channels != unet.config.in_channels:
-        raise ModelLoadError("the UNet must predict noise with as many channels as it takes")
+    in_channels, out_channels = int(unet.config.in_channels), int(unet.config.out_channels)
+    if sidecar.epsilon_channels is None and out_channels != in_channels:
+        raise ModelLoadError(
+            f"the UNet takes {in_channels} channels and answers {out_channels}: it must predict noise with "
+            "as many channels as it takes (a learned-sigma model needs epsilon_channels in ddm_anomaly.json)"
+        )
+    if sidecar.epsilon_channels is not None and not (
+        sidecar.epsilon_channels == in_channels and out_channels >= in_channels
+    ):
+        raise ModelLoadError(
+            f"epsilon_channels={sidecar.epsilon_channels} does not fit a UNet with {in_channels} input and "
+            f"{out_channels} output channels"
+        )
     # channels_last weights: oneDNN convolutions skip their NCHW reorders; measured 1.1-1.3x on the UNet
     # alone on CPU (PERFORMANCE.md). Outputs stay correct in any layout; scores differ by float rounding.
     memory_format = torch.channels_last if dev.type == "cpu" else torch.contiguous_format
@@ -147,9 +181,17 @@ def load_model(
         raise ModelLoadError(
             f"prediction_type={prediction_type!r}: only epsilon-prediction models are supported"
         )
-    abar = alphas_cumprod_from_config(scheduler_config)
+    abar = alphas_cumprod_from_config(scheduler_config, float64=sidecar.alphas_cumprod_float64)
     try:
-        noise_runtime = build_runtime(runtime, unet, dev, autocast_dtype, threads=threads)
+        noise_runtime = build_runtime(
+            runtime,
+            unet,
+            dev,
+            autocast_dtype,
+            threads=threads,
+            timestep_scale=sidecar.timestep_scale,
+            epsilon_channels=sidecar.epsilon_channels,
+        )
     except RuntimeUnavailable as exc:
         raise ModelLoadError(str(exc)) from exc
     sha = weights_digest(unet_dir)
@@ -182,4 +224,6 @@ def load_model(
         autocast_dtype=autocast_dtype,
         info=info,
         runtime=noise_runtime,
+        sidecar=sidecar,
+        alphas_cumprod64=abar.clone(),
     )

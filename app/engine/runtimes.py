@@ -38,31 +38,68 @@ class NoiseRuntime(Protocol):
         ...
 
 
+def model_timesteps(timesteps: torch.Tensor, timestep_scale: float) -> torch.Tensor:
+    """What the network receives for schedule indices ``timesteps``: the indices themselves (scale 1, a
+    plain diffusers model), else ``float32(t) * scale`` exactly as improved-diffusion's ``_WrappedModel``
+    computes ``t.float() * (1000 / T)``."""
+    if timestep_scale == 1.0:
+        return timesteps
+    return timesteps.float() * timestep_scale
+
+
 class TorchRuntime:
     name = "torch"
 
-    def __init__(self, unet: UNet2DModel, autocast_dtype: torch.dtype | None, device: torch.device) -> None:
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        autocast_dtype: torch.dtype | None,
+        device: torch.device,
+        *,
+        timestep_scale: float = 1.0,
+        epsilon_channels: int | None = None,
+    ) -> None:
         self.unet = unet
         self.autocast_dtype = autocast_dtype
         self.device_type = device.type
+        self.timestep_scale = timestep_scale
+        self.epsilon_channels = epsilon_channels
 
     def __call__(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         # a channels_last UNet answers channels_last; the sums downstream flatten, which would copy anyway
+        if self.timestep_scale == 1.0 and self.epsilon_channels is None:  # plain diffusers model
+            if self.autocast_dtype is None:
+                return self.unet(x_t, timesteps).sample.float().contiguous()
+            with torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype):
+                return self.unet(x_t, timesteps).sample.float().contiguous()
+        t_model = model_timesteps(timesteps, self.timestep_scale)
         if self.autocast_dtype is None:
-            return self.unet(x_t, timesteps).sample.float().contiguous()
-        with torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype):
-            return self.unet(x_t, timesteps).sample.float().contiguous()
+            out = self.unet(x_t, t_model).sample
+        else:
+            with torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype):
+                out = self.unet(x_t, t_model).sample
+        if self.epsilon_channels is not None:
+            out = out[:, : self.epsilon_channels]
+        return out.float().contiguous()
 
 
 class _EpsOnly(torch.nn.Module):
-    """The UNet with a plain tensor output (exporters trace tensors, not diffusers' output dataclass)."""
+    """The UNet with a plain tensor output (exporters trace tensors, not diffusers' output dataclass); the
+    timestep rescale and the epsilon slice of imported models are part of the traced graph."""
 
-    def __init__(self, unet: UNet2DModel) -> None:
+    def __init__(
+        self, unet: UNet2DModel, timestep_scale: float = 1.0, epsilon_channels: int | None = None
+    ) -> None:
         super().__init__()
         self.unet = unet
+        self.timestep_scale = timestep_scale
+        self.epsilon_channels = epsilon_channels
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep).sample
+        if self.timestep_scale == 1.0 and self.epsilon_channels is None:
+            return self.unet(sample, timestep).sample
+        out = self.unet(sample, model_timesteps(timestep, self.timestep_scale)).sample
+        return out if self.epsilon_channels is None else out[:, : self.epsilon_channels]
 
 
 def _example(unet: UNet2DModel, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,14 +108,15 @@ def _example(unet: UNet2DModel, batch: int = 2) -> tuple[torch.Tensor, torch.Ten
     return torch.zeros(batch, unet.config.in_channels, size, size), torch.full((batch,), 1, dtype=torch.long)
 
 
-def export_onnx(unet: UNet2DModel) -> bytes:
+def export_onnx(unet: UNet2DModel, timestep_scale: float = 1.0, epsilon_channels: int | None = None) -> bytes:
     """The UNet as an ONNX graph with a dynamic batch dimension, in memory (nothing is written to disk)."""
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape asserts
             torch.onnx.export(
-                _EpsOnly(unet).eval(),  # traced as loaded: float32 weights, any layout (ONNX has none)
+                # traced as loaded: float32 weights, any layout (ONNX has none)
+                _EpsOnly(unet, timestep_scale, epsilon_channels).eval(),
                 _example(unet),
                 buffer,  # type: ignore[arg-type]  # a file-like object is documented; the stub says path
                 input_names=["sample", "timestep"],
@@ -99,7 +137,14 @@ class OnnxRuntime:
 
     name = "onnxruntime"
 
-    def __init__(self, unet: UNet2DModel, threads: int | None) -> None:
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        threads: int | None,
+        *,
+        timestep_scale: float = 1.0,
+        epsilon_channels: int | None = None,
+    ) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -107,7 +152,8 @@ class OnnxRuntime:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0  # 0 = one per physical core
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(export_onnx(unet), options, providers=["CPUExecutionProvider"])
+        graph = export_onnx(unet, timestep_scale, epsilon_channels)
+        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         feed = {"sample": x_t.contiguous().numpy(), "timestep": timesteps.numpy()}
@@ -129,24 +175,34 @@ def build_runtime(
     autocast_dtype: torch.dtype | None,
     *,
     threads: int | None = None,
+    timestep_scale: float = 1.0,
+    epsilon_channels: int | None = None,
 ) -> NoiseRuntime:
     """The runtime ``name`` asks for; ``auto`` = ONNX Runtime for float32 on CPU when it can run the model,
-    else torch (always torch on CUDA, and for bf16 autocast on CPU)."""
+    else torch (always torch on CUDA, and for bf16 autocast on CPU).
+
+    ``timestep_scale`` and ``epsilon_channels`` are the model folder's calling convention (sidecar.py): the
+    network receives ``t * timestep_scale`` and only its first ``epsilon_channels`` outputs are returned.
+    The defaults are a plain diffusers model, called exactly as before either existed."""
     if name not in RUNTIMES:
         raise RuntimeUnavailable(f"unknown runtime {name!r}; one of {', '.join(RUNTIMES)}")
     if name == "torch" or (name == "auto" and (device.type != "cpu" or autocast_dtype is not None)):
-        return TorchRuntime(unet, autocast_dtype, device)
+        return TorchRuntime(
+            unet, autocast_dtype, device, timestep_scale=timestep_scale, epsilon_channels=epsilon_channels
+        )
     if device.type != "cpu":
         raise RuntimeUnavailable(f"runtime {name} runs on CPU only; use runtime=torch on {device.type}")
     if autocast_dtype is not None:
         raise RuntimeUnavailable("runtime onnxruntime runs float32 only; use torch for bfloat16 autocast")
     started = time.perf_counter()
     try:
-        runtime = OnnxRuntime(unet, threads)
+        runtime = OnnxRuntime(unet, threads, timestep_scale=timestep_scale, epsilon_channels=epsilon_channels)
     except RuntimeUnavailable as exc:
         if name != "auto":
             raise
         log.warning("runtime auto: %s; using torch", exc)
-        return TorchRuntime(unet, autocast_dtype, device)
+        return TorchRuntime(
+            unet, autocast_dtype, device, timestep_scale=timestep_scale, epsilon_channels=epsilon_channels
+        )
     log.info("UNet exported to onnxruntime in %.1f s", time.perf_counter() - started)
     return runtime

@@ -61,6 +61,9 @@ class ModelSidecar:
     epsilon_channels: int | None = None  # first N output channels are epsilon; None = all of them
     input_transform: InputTransform = field(default_factory=InputTransform)
     source: dict[str, Any] = field(default_factory=dict)  # provenance: format, checkpoint sha256, flags
+    # True: abar is the float64 cumulative product of the scheduler config's ``trained_betas`` (what
+    # improved-diffusion computes in numpy); False: the diffusers scheduler's own (float32) abar.
+    alphas_cumprod_float64: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"version": SIDECAR_VERSION, **asdict(self)}
@@ -72,7 +75,14 @@ class ModelSidecar:
         version = data.get("version")
         if version != SIDECAR_VERSION:
             raise SidecarError(f"sidecar version {version!r} not supported (expected {SIDECAR_VERSION})")
-        known = {"version", "timestep_scale", "epsilon_channels", "input_transform", "source"}
+        known = {
+            "version",
+            "timestep_scale",
+            "epsilon_channels",
+            "input_transform",
+            "source",
+            "alphas_cumprod_float64",
+        }
         unknown = set(data) - known
         if unknown:
             raise SidecarError(f"unknown sidecar fields: {sorted(unknown)}")
@@ -83,6 +93,7 @@ class ModelSidecar:
                 epsilon_channels=data.get("epsilon_channels"),
                 input_transform=transform,
                 source=dict(data.get("source", {})),
+                alphas_cumprod_float64=bool(data.get("alphas_cumprod_float64", False)),
             )
         except TypeError as exc:
             raise SidecarError(f"malformed sidecar: {exc}") from exc
