@@ -18,11 +18,12 @@ log = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "import",
-        help="convert a pretrained checkpoint (improved-diffusion/DiffPath, ermongroup/ddim) to a model folder",
+        help="convert a pretrained checkpoint (improved-diffusion/DiffPath, ermongroup/ddim) to a model",
         description=(
-            "Convert a checkpoint in its original training code's format into a diffusers model folder. The "
-            "file is read with torch.load(weights_only=True): no pickled code runs. Nothing is written to --out "
-            "unless the whole conversion succeeds and the result loads. docs/MODELS.md has every step."
+            "Convert a checkpoint in its original training code's format into a diffusers model folder. "
+            "The file is read with torch.load(weights_only=True): no pickled code runs. Nothing is written "
+            "to --out unless the whole conversion succeeds and the result loads. docs/MODELS.md has every "
+            "step."
         ),
     )
     formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
@@ -31,9 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "improved-diffusion",
         help="OpenAI improved-diffusion UNetModel state dict (DiffPath's CelebA-32 model)",
         description=(
-            "A .pt state dict saved by improved-diffusion's TrainLoop (DiffPath: celeba_ema_0.9999_499999.pt). "
-            "The architecture comes from --flags (a JSON object of improved-diffusion flag names; missing "
-            "ones take model_and_diffusion_defaults() values) or --preset."
+            "A .pt state dict saved by improved-diffusion's TrainLoop (DiffPath: "
+            "celeba_ema_0.9999_499999.pt). The architecture comes from --flags (a JSON object of "
+            "improved-diffusion flag names; missing ones take model_and_diffusion_defaults() values) or "
+            "--preset."
         ),
     )
     idf.add_argument("checkpoint", type=Path, help="the .pt file")
@@ -52,7 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     ddim.add_argument("checkpoint", type=Path, help="the ckpt.pth file")
-    ddim.add_argument("--config", type=Path, required=True, help="the repo's YAML config (configs/celeba.yml)")
+    ddim.add_argument(
+        "--config", type=Path, required=True, help="the repo's YAML config (configs/celeba.yml)"
+    )
     _common(ddim)
     ddim.set_defaults(func=run_ddim)
 
