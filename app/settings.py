@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(256, ge=1)
     request_timeout_s: float = Field(60.0, gt=0.0)
     min_request_timeout_s: float = Field(
-        0.5,
+        1.0,
         gt=0.0,
         description="the shortest deadline a client may ask for (?timeout_s); shorter ones are refused with "
         "422 instead of a certain 504. Published in the OpenAPI schema",
