@@ -125,6 +125,23 @@ def alphas_cumprod_from_config(config: dict, float64: bool = False) -> torch.Ten
     return torch.as_tensor(abar, dtype=torch.float64)
 
 
+def set_attention_heads(unet: UNet2DModel, heads: dict[str, int]) -> None:
+    """Give the named attention layers their own head count (the sidecar's ``attention_heads``): the
+    projections are the same matrices, only the split of their channels into heads differs."""
+    for name, n in heads.items():
+        try:
+            attn = unet.get_submodule(name)
+        except AttributeError as exc:
+            raise ModelLoadError(f"attention_heads names {name!r}, which the UNet does not have") from exc
+        inner = getattr(attn, "inner_dim", None)
+        if inner is None or inner % n:
+            raise ModelLoadError(f"attention_heads: {name!r} cannot be split into {n} heads")
+        attn.heads = n
+        attn.scale = (inner // n) ** -0.5
+        if hasattr(attn, "sliceable_head_dim"):
+            attn.sliceable_head_dim = n
+
+
 def weights_digest(unet_dir: Path) -> str:
     path = next(unet_dir / name for name in WEIGHT_FILES if (unet_dir / name).is_file())
     h = hashlib.sha256()
@@ -171,6 +188,7 @@ def load_model(
             f"epsilon_channels={sidecar.epsilon_channels} does not fit a UNet with {in_channels} input and "
             f"{out_channels} output channels"
         )
+    set_attention_heads(unet, sidecar.attention_heads)
     # channels_last weights: oneDNN convolutions skip their NCHW reorders; measured 1.1-1.3x on the UNet
     # alone on CPU (PERFORMANCE.md). Outputs stay correct in any layout; scores differ by float rounding.
     memory_format = torch.channels_last if dev.type == "cpu" else torch.contiguous_format

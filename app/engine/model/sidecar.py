@@ -64,6 +64,10 @@ class ModelSidecar:
     # True: abar is the float64 cumulative product of the scheduler config's ``trained_betas`` (what
     # improved-diffusion computes in numpy); False: the diffusers scheduler's own (float32) abar.
     alphas_cumprod_float64: bool = False
+    # {attention module path in the UNet2DModel: heads} where a layer's head count is not
+    # channels // attention_head_dim: diffusers' config has one head size for the whole UNet, an
+    # improved-diffusion model a fixed head *count* across widths. The loader sets these after loading.
+    attention_heads: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": SIDECAR_VERSION, **asdict(self)}
@@ -82,6 +86,7 @@ class ModelSidecar:
             "input_transform",
             "source",
             "alphas_cumprod_float64",
+            "attention_heads",
         }
         unknown = set(data) - known
         if unknown:
@@ -94,6 +99,7 @@ class ModelSidecar:
                 input_transform=transform,
                 source=dict(data.get("source", {})),
                 alphas_cumprod_float64=bool(data.get("alphas_cumprod_float64", False)),
+                attention_heads=dict(data.get("attention_heads", {})),
             )
         except TypeError as exc:
             raise SidecarError(f"malformed sidecar: {exc}") from exc
@@ -102,6 +108,9 @@ class ModelSidecar:
             raise SidecarError("timestep_scale must be positive")
         if sidecar.epsilon_channels is not None and int(sidecar.epsilon_channels) < 1:
             raise SidecarError("epsilon_channels must be positive")
+        for name, heads in sidecar.attention_heads.items():
+            if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+                raise SidecarError(f"attention_heads[{name!r}] must be a positive integer")
         return sidecar
 
     def write(self, model_dir: Path) -> Path:

@@ -71,11 +71,12 @@ DEFAULT_FLAGS: dict[str, Any] = {
     "use_scale_shift_norm": True,
 }
 # Flags of forks that do not change the network's keys or outputs, with their neutral defaults:
-# DiffPath's use_zero_module (initialisation only); guided-diffusion's channel_mult ("" = by image size),
-# num_head_channels (-1 = use num_heads), use_new_attention_order, use_fp16 (training precision only) and
-# resblock_updown (only False: diffusers' UNet2DModel has no ResBlock resampling with these keys).
+# DiffPath's use_zero_module (initialisation only) and clip_denoised; guided-diffusion's channel_mult
+# ("" = by image size), num_head_channels (-1 = use num_heads), use_new_attention_order, use_fp16 (training
+# precision only) and resblock_updown (only False: UNet2DModel has no ResBlock resampling with these keys).
 EXTRA_FLAGS: dict[str, Any] = {
     "use_zero_module": True,
+    "clip_denoised": True,  # DiffPath's scripts: a sampling setting, recorded only
     "channel_mult": "",
     "num_head_channels": -1,
     "use_new_attention_order": False,
@@ -218,24 +219,40 @@ def architecture(flags: dict[str, Any]) -> dict[str, Any]:
         return channels // heads
 
     heads_up = flags["num_heads_upsample"] if flags["num_heads_upsample"] != -1 else flags["num_heads"]
-    sites = {f"down level {lv}": head_dim(nc * mult[lv], flags["num_heads"]) for lv in attn_levels}
-    sites["middle"] = head_dim(nc * mult[-1], flags["num_heads"])
-    sites.update({f"up level {lv}": head_dim(nc * mult[lv], heads_up) for lv in attn_levels})
-    dims = sorted(set(sites.values()))
-    if len(dims) != 1:
-        raise CheckpointImportError(
-            f"attention head sizes differ between layers ({sites}); diffusers' UNet2DModel has a single "
-            "attention_head_dim, so this model cannot be converted"
-        )
+    nrb = flags["num_res_blocks"]
+    # every attention layer as (diffusers module path, channels, head size)
+    sites = [
+        (f"down_blocks.{lv}.attentions.{j}", nc * mult[lv], head_dim(nc * mult[lv], flags["num_heads"]))
+        for lv in attn_levels
+        for j in range(nrb)
+    ]
+    sites.append(("mid_block.attentions.0", nc * mult[-1], head_dim(nc * mult[-1], flags["num_heads"])))
+    sites += [
+        (f"up_blocks.{len(mult) - 1 - lv}.attentions.{j}", nc * mult[lv], head_dim(nc * mult[lv], heads_up))
+        for lv in attn_levels
+        for j in range(nrb + 1)
+    ]
+    dims = {d for _, _, d in sites}
+    # diffusers' config has one head size for the whole UNet; an improved-diffusion model keeps the head
+    # *count* across widths. Then the config's size divides every width (same projection shapes) and the
+    # sidecar gives the layers whose head count differs from width // size their own.
+    config_dim = dims.pop() if len(dims) == 1 else math.gcd(*(c for _, c, _ in sites))
+    heads = {name: c // d for name, c, d in sites if c // d != c // config_dim}
     return {
         "image_size": size,
         "channel_mult": mult,
         "model_channels": nc,
         "num_res_blocks": flags["num_res_blocks"],
         "attn_levels": attn_levels,
-        "head_dim": dims[0],
+        "head_dim": config_dim,
+        "attention_heads": heads,
         "out_channels": 6 if flags["learn_sigma"] else 3,
     }
+
+
+def attention_heads(flags: dict[str, Any]) -> dict[str, int]:
+    """Attention layers whose head count the sidecar must set (empty when one head size fits them all)."""
+    return dict(architecture(resolve_flags(flags))["attention_heads"])
 
 
 def unet_config(flags: dict[str, Any]) -> dict[str, Any]:
@@ -345,7 +362,8 @@ def convert_state_dict(source: dict[str, torch.Tensor], flags: dict[str, Any]) -
     extra: list = []
 
     def attention(src: str, dst: str, channels: int) -> None:
-        r, e = _attention(src, dst, channels, head_dim, legacy, source)
+        size = channels // arch["attention_heads"][dst] if dst in arch["attention_heads"] else head_dim
+        r, e = _attention(src, dst, channels, size, legacy, source)
         rules.extend(r)
         extra.extend(e)
 
@@ -489,6 +507,7 @@ def import_checkpoint(
         epsilon_channels=3 if flags["learn_sigma"] else None,
         input_transform=transform,
         alphas_cumprod_float64=True,
+        attention_heads=attention_heads(flags),
         source={
             "format": FORMAT,
             "checkpoint": checkpoint.name,
