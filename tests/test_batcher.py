@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from app.errors import (
     DeadlineExceeded,
@@ -25,6 +25,7 @@ from app.errors import (
 )
 from app.service.batcher import DynamicBatcher
 from app.service.metrics import Metrics
+from tests.helpers import metric_value
 
 WAIT = 10.0  # generous bound on waits for the worker thread; never reached when things work
 
@@ -99,8 +100,8 @@ def busy(engine: FakeEngine, batcher: DynamicBatcher[int, int]):  # type: ignore
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
+    """A sample of the batcher's registry; a missing series fails (tests/helpers.py: metric_value)."""
+    return metric_value(generate_latest(metrics.registry).decode(), name, **labels)
 
 
 def test_results_in_order_and_batches_never_empty_or_oversized(engine) -> None:
@@ -128,6 +129,36 @@ def test_full_batch_closes_without_waiting_for_the_delay(engine) -> None:
 def test_partial_batch_closes_after_the_delay(engine, batcher) -> None:
     assert batcher.submit([5]).result(WAIT).outputs == [10]
     assert engine.batches == [[5]]
+
+
+def test_items_arriving_within_the_delay_share_a_batch(engine) -> None:
+    """A partial batch stays open for the delay: a second item 50 ms after the first joins it (a batch that
+    closed at once would compute them apart)."""
+    b = make(engine, max_batch_delay_s=0.3)
+    try:
+        t0 = time.monotonic()
+        first = b.submit([1])
+        time.sleep(0.05)
+        second = b.submit([2])
+        assert first.result(WAIT).outputs == [2] and second.result(WAIT).outputs == [4]
+        assert engine.batches == [[1, 2]]
+        assert first.result().batches == 1 and second.result().batches == 1
+        assert time.monotonic() - t0 >= 0.3 * 0.95  # it waited for the delay (the size never filled it)
+    finally:
+        b.close(drain=False, timeout=WAIT)
+
+
+def test_a_lone_item_waits_for_the_delay_then_runs_alone(engine) -> None:
+    b = make(engine, max_batch_delay_s=0.2)
+    try:
+        t0 = time.monotonic()
+        done = b.submit([7]).result(WAIT)
+        waited = time.monotonic() - t0
+        assert done.outputs == [14] and engine.batches == [[7]]
+        assert 0.2 * 0.95 <= waited < WAIT
+        assert done.queue_s >= 0.2 * 0.95  # the queue time reports the wait
+    finally:
+        b.close(drain=False, timeout=WAIT)
 
 
 def test_concurrent_requests_share_a_batch(engine, batcher) -> None:

@@ -7,9 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pytorch_msssim import ssim as library_ssim
 
 from app.engine.model_loading import alphas_cumprod_from_config
+from app.engine.preprocessing import prepare
 from app.engine.ssim import ssim_map
 from app.engine.statistics import PathAccumulator, amplified_error, power_sums, stein_error
 from app.engine.trajectory import TrajectoryStep, ddim_step, implied_noise, predict_x0, trajectory_timesteps
@@ -92,6 +94,36 @@ def test_stein_error_and_ssim_amplification() -> None:
     pure = amplified_error(off, x0, MethodOptions(ssim_weighting="dissimilarity"))
     assert torch.allclose(pure, e * (1.0 - s), atol=1e-5)
     assert torch.equal(amplified_error(off, x0, MethodOptions(ssim_weighting="none")), e)
+
+
+def test_ssim_lambda_scales_the_amplification_where_ssim_is_below_one() -> None:
+    """a_k = e_k (1 + lambda (1 - S)): lambda must reach the weight (the default lambda = 1 cannot tell)."""
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.rand(1, 3, 16, 16, generator=gen) * 2 - 1
+    xhat0 = (x0 + 0.5 * torch.randn(1, 3, 16, 16, generator=gen)).clamp(-1, 1)
+    eps_theta, eps_star = torch.randn(1, 3, 16, 16, generator=gen), torch.randn(1, 3, 16, 16, generator=gen)
+    step = _step(x0, xhat0, eps_theta, eps_star)
+    s = ssim_map(x0, xhat0)
+    assert s.mean() < 0.9  # a clearly imperfect reconstruction
+    e = stein_error(step, MethodOptions())
+    for lam in (0.0, 0.5, 2.5, 10.0):
+        a = amplified_error(step, x0, MethodOptions(ssim_lambda=lam))
+        assert torch.allclose(a, e * (1.0 + lam * (1.0 - s)), atol=1e-5), lam
+    energy = [amplified_error(step, x0, MethodOptions(ssim_lambda=lam)).pow(2).sum() for lam in (0.5, 1, 2.5)]
+    assert energy[0] < energy[1] < energy[2]
+
+
+def test_model_input_is_scaled_to_minus_one_one() -> None:
+    """Pixels 0..255 become -1..1 (v / 127.5 - 1), the range the model was trained on; not 0..1."""
+    values = np.array([0, 51, 127, 128, 204, 255], dtype=np.uint8)
+    pixels = np.broadcast_to(values[None, :, None], (6, 6, 3)).copy()
+    tensor = prepare(Image.fromarray(pixels, "RGB"), 6).tensor
+    assert tensor.shape == (3, 6, 6) and tensor.dtype == torch.float32
+    expected = torch.tensor(values, dtype=torch.float32) / 127.5 - 1.0
+    assert torch.allclose(tensor[:, 0, :], expected.expand(3, 6), atol=1e-6)
+    assert tensor.min() == -1.0 and tensor.max() == 1.0
+    black, white = (prepare(Image.new("RGB", (8, 8), (v, v, v)), 8).tensor for v in (0, 255))
+    assert torch.all(black == -1.0) and torch.all(white == 1.0)
 
 
 def test_feature_sums_over_steps_and_differences() -> None:

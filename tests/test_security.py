@@ -83,6 +83,60 @@ def test_keys_are_compared_with_compare_digest_against_every_key(monkeypatch: py
             assert not names & {"token", "key", "given"}, ast.unparse(node)
 
 
+def test_every_configured_key_is_accepted_not_only_the_last(tmp_path: Path) -> None:
+    """Key rotation: with several keys configured, each one (the first above all) opens scoring and
+    metadata; anything else is refused."""
+    keys = ("first-key", "second-key", "third-key")
+    with running(tmp_path, api_keys=",".join(keys)) as client:
+        for key in keys:
+            auth = {"authorization": f"Bearer {key}"}
+            assert client.get("/v1/models", headers=auth).status_code == 200, key
+            scored = client.post("/v1/score", content=png(1), headers={**auth, "content-type": "image/png"})
+            assert scored.status_code in (200, 404), (key, scored.text)  # 404: no profile yet, but let in
+            assert scored.status_code != 401
+        for wrong in ("first", "third-ke", "fourth-key", "first-key,second-key"):
+            refused = client.get("/v1/models", headers={"authorization": f"Bearer {wrong}"})
+            assert refused.status_code == 401, wrong
+
+
+async def test_a_declared_body_over_the_cap_is_refused_before_any_byte_is_read() -> None:
+    """The Content-Length pre-check: 413 from the headers alone, the body never read and the route never
+    called (the streaming cap would only answer after reading past the cap)."""
+    from prometheus_client import CollectorRegistry
+
+    from app.service.metrics import Metrics
+    from app.web.middleware import RequestContext
+
+    reached: list[str] = []
+
+    async def route(scope: Any, receive: Any, send: Any) -> None:
+        reached.append("route")
+        await receive()
+
+    async def receive() -> Any:
+        raise AssertionError("the middleware read the body of a request it should have refused")
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    metrics = Metrics(CollectorRegistry())
+    middleware = RequestContext(route, metrics=metrics, body_limit=lambda path: 1024)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/score",
+        "headers": [(b"content-type", b"image/png"), (b"content-length", b"1000000000000")],
+    }
+    await middleware(scope, receive, send)
+    assert reached == []
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert body["error"]["code"] == "too_large"
+    assert metrics.registry.get_sample_value("anomaly_refusals_total", {"reason": "too_large"}) == 1
+
+
 def test_keys_are_secret_and_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     configured = Settings(api_keys="s3cret-key")  # type: ignore[arg-type]
     assert "s3cret-key" not in repr(configured) and "s3cret-key" not in str(configured.model_dump())
