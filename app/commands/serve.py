@@ -47,8 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from app import log_escaping
     from app.settings import Settings
     from app.web.app import create_app
+    from app.web.http_limits import bounded_http_protocol
 
     fields = ("host", "port", "model_dir", "profiles_dir", "device", "dtype", "runtime", "max_batch_size",
               "max_batch_delay_ms", "torch_threads", "model_instances", "log_level")  # fmt: skip
@@ -67,8 +69,11 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
         timeout_keep_alive=max(1, math.ceil(settings.keep_alive_timeout_s)),
         lifespan="on",
+        # bounds the request head (431) before the app buffers it; counted like every refusal
+        http=bounded_http_protocol(lambda: app.state.metrics.refuse("too_large")),
     )
     logging.getLogger("uvicorn.access").addFilter(RedactQuerySecrets())  # after uvicorn set up logging
+    log_escaping.install("uvicorn", "uvicorn.error", "uvicorn.access")
     server = DrainingServer(
         config, on_signal=app.state.service.begin_drain, delay_s=settings.shutdown_delay_s
     )

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import PayloadTooLarge
 from app.service.metrics import Metrics
 from app.web.errors import error_response
+from app.web.http_limits import MAX_HEADER_FIELDS
 
 log = logging.getLogger("app.web")
 
@@ -66,6 +67,13 @@ class RequestContext:
         t0 = time.perf_counter()
         self.metrics.inflight_requests.inc()
         try:
+            if len(scope.get("headers", ())) > MAX_HEADER_FIELDS:
+                self.metrics.refuse("too_large")
+                message = f"more than {MAX_HEADER_FIELDS} header fields"
+                await error_response(431, "headers_too_large", message, request_id)(
+                    scope, receive, tagged_send
+                )
+                return
             declared = _content_length(headers)
             if declared is not None and declared > limit:
                 self.metrics.refuse("too_large")

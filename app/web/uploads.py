@@ -11,6 +11,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
+import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ M = TypeVar("M", bound=BaseModel)
 V = TypeVar("V")
 
 MAX_FORM_FIELDS = 16
+_JSON = json.JSONDecoder()
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
 RAW_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff")
 
 
@@ -50,9 +54,9 @@ async def read_upload(request: Request, json_model: type[M], max_images: int) ->
     if kind == "multipart/form-data":
         return await _read_multipart(request, max_images)
     if kind == "application/json":
-        body = await _read_json(request, json_model)
+        body = await _read_json(request, json_model, max_images)
         images = getattr(body, "images", [])
-        if len(images) > max_images:
+        if len(images) > max_images:  # the early count gives up on bodies it cannot read; this never does
             raise PayloadTooLarge(f"{len(images)} images in one request; at most {max_images}")
         decoded = await asyncio.to_thread(_decode_images, images)
         return Upload(decoded, body=body)
@@ -105,12 +109,77 @@ async def _read_multipart(request: Request, max_images: int) -> Upload:
         await form.close()
 
 
-async def _read_json(request: Request, model: type[M]) -> M:
+async def _read_json(request: Request, model: type[M], max_images: int) -> M:
     body = b"".join([chunk async for chunk in request.stream()])
+    return await asyncio.to_thread(_validate_json, model, body, max_images)
+
+
+def _validate_json(model: type[M], body: bytes, max_images: int) -> M:
+    count_json_images(body, max_images)
     try:
-        return await asyncio.to_thread(model.model_validate_json, body)
+        return model.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+
+
+def count_json_images(body: bytes, max_images: int) -> None:
+    """Raise PayloadTooLarge as soon as a top-level ``images`` array holds more than ``max_images`` entries.
+
+    Runs before validation, which would build every entry (and an error per bad entry) first: a 5 MiB body
+    of 1.6M empty objects costs pydantic 9 s and 1.3 GB. Here the stdlib's C scanner decodes one value at
+    a time and stops at entry ``max_images + 1``. Anything that is not a JSON object is left to the
+    validator to refuse with its usual message.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    decoder = _JSON
+    ws = _WHITESPACE
+    try:
+        i = ws.match(text, 0).end()  # type: ignore[union-attr]
+        if text[i : i + 1] != "{":
+            return
+        i = ws.match(text, i + 1).end()  # type: ignore[union-attr]
+        while text[i : i + 1] == '"':
+            key, i = decoder.raw_decode(text, i)
+            i = ws.match(text, i).end()  # type: ignore[union-attr]
+            if text[i : i + 1] != ":":
+                return
+            i = ws.match(text, i + 1).end()  # type: ignore[union-attr]
+            if key == "images" and text[i : i + 1] == "[":
+                i = _count_array(text, i, max_images)
+            else:
+                _, i = decoder.raw_decode(text, i)
+            i = ws.match(text, i).end()  # type: ignore[union-attr]
+            if text[i : i + 1] != ",":
+                return
+            i = ws.match(text, i + 1).end()  # type: ignore[union-attr]
+    except (json.JSONDecodeError, _Malformed):
+        return  # malformed: the validator says where
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _count_array(text: str, i: int, max_images: int) -> int:
+    """Skip the array starting at ``text[i] == '['``, counting its entries; returns the index after it."""
+    i = _WHITESPACE.match(text, i + 1).end()  # type: ignore[union-attr]
+    if text[i : i + 1] == "]":
+        return i + 1
+    count = 0
+    while True:
+        _, i = _JSON.raw_decode(text, i)
+        count += 1
+        if count > max_images:
+            raise PayloadTooLarge(f"more than {max_images} images in one request; at most {max_images}")
+        i = _WHITESPACE.match(text, i).end()  # type: ignore[union-attr]
+        if text[i : i + 1] == "]":
+            return i + 1
+        if text[i : i + 1] != ",":
+            raise _Malformed
+        i = _WHITESPACE.match(text, i + 1).end()  # type: ignore[union-attr]
 
 
 def _decode_images(images: list[ImageIn]) -> list[tuple[str, bytes]]:

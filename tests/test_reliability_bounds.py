@@ -1,0 +1,129 @@
+"""Bounds a hostile client meets before it costs the server anything, against a real uvicorn server:
+JSON image lists counted before validation, request heads capped (431), options checked before compute,
+log lines that cannot be forged, HEAD on the health routes. docs/RELIABILITY.md lists the cases."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.web.http_limits import MAX_HEADER_BYTES, MAX_HEADER_FIELDS
+from tests.conftest import LiveServer
+from tests.helpers import SHIPPED_MODEL, png_bytes
+
+
+@pytest.fixture(scope="module")
+def server(
+    live_server_module: Callable[..., LiveServer], tmp_path_factory: pytest.TempPathFactory
+) -> LiveServer:
+    profiles = tmp_path_factory.mktemp("profiles")
+    (profiles / "default.json").write_bytes((SHIPPED_MODEL / "profiles" / "default.json").read_bytes())
+    return live_server_module({"DDM_PROFILES_DIR": str(profiles), "DDM_ALLOW_OPEN_PROFILE_CREATION": "true"})
+
+
+def series(server: LiveServer, name: str, **labels: str) -> float:
+    """One sample of /metrics; a missing series fails the test (a renamed metric must not read as 0)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    selector = re.escape(name) + (rf"\{{{re.escape(want)}\}}" if labels else "")
+    match = re.search(rf"^{selector} (\S+)$", text, re.M)
+    assert match, f"no series {name}{{{want}}} in /metrics"
+    return float(match.group(1))
+
+
+def peak_rss_mib(server: LiveServer) -> float:
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def test_json_image_flood_is_refused_before_validation(server: LiveServer) -> None:
+    """1.6M empty entries in 4.6 MiB (under the byte cap): 413 from the early count, no per-entry objects
+    (validating them first took 9 s and 1.3 GB in the server)."""
+    before_rss = peak_rss_mib(server)
+    before = series(server, "anomaly_refusals_total", reason="too_large")
+    body = b'{"profile": "default", "images": [' + b",".join([b"{}"] * 1_600_000) + b"]}"
+    r = httpx.post(
+        f"{server.url}/v1/score", content=body, headers={"content-type": "application/json"}, timeout=120
+    )
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "too_large"
+    assert "at most 64" in r.json()["error"]["message"]
+    assert series(server, "anomaly_refusals_total", reason="too_large") == before + 1
+    assert peak_rss_mib(server) - before_rss < 200
+
+
+def raw_request(server: LiveServer, head: bytes) -> bytes:
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(head)  # may be refused while still sending: the answer is on its way
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_request_heads_are_capped_with_431(server: LiveServer) -> None:
+    before = series(server, "anomaly_refusals_total", reason="too_large")
+    # one huge header: refused once the head passes the cap, without reading the rest of it
+    huge = b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (8 * MAX_HEADER_BYTES) + b"\r\n\r\n"
+    answer = raw_request(server, huge)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b'"code": "headers_too_large"' in answer
+    # many small fields inside the byte cap: refused by count, with the usual error body and request id
+    headers = {f"x-h{i}": "1" for i in range(MAX_HEADER_FIELDS + 5)}
+    r = httpx.get(f"{server.url}/livez", headers=headers, timeout=30)
+    assert r.status_code == 431
+    assert r.json()["error"]["code"] == "headers_too_large" and r.json()["error"]["request_id"]
+    # an ordinary head at the field limit still works
+    fine = {f"x-h{i}": "1" for i in range(MAX_HEADER_FIELDS - 10)}
+    assert httpx.get(f"{server.url}/livez", headers=fine, timeout=30).status_code == 200
+    assert series(server, "anomaly_refusals_total", reason="too_large") == before + 2
+
+
+def test_profile_options_are_checked_before_any_image_is_computed(server: LiveServer) -> None:
+    batches = series(server, "anomaly_batch_size_count")
+    images = [{"data": __import__("base64").b64encode(png_bytes(size=(32, 32))).decode()}] * 12
+    too_many = {"name": "fprs-flood", "images": images, "fprs": [0.001 * (i + 1) for i in range(100)]}
+    r = httpx.post(f"{server.url}/v1/profiles", json=too_many, timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation"
+    out_of_range = {"name": "fprs-range", "images": images, "fprs": [0.05, 1.5]}
+    assert httpx.post(f"{server.url}/v1/profiles", json=out_of_range, timeout=60).status_code == 422
+    files = [("files", (f"{i}.png", png_bytes(size=(32, 32)), "image/png")) for i in range(12)]
+    form = {"name": "fprs-form", "fprs": ",".join(str(0.001 * (i + 1)) for i in range(40))}
+    r = httpx.post(f"{server.url}/v1/profiles", data=form, files=files, timeout=60)
+    assert r.status_code == 400 and "at most 31" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/profiles", data={"name": "bad-fpr", "default_fpr": "2"}, files=files)
+    assert r.status_code == 400 and "(0, 1)" in r.json()["error"]["message"]
+    assert series(server, "anomaly_batch_size_count") == batches  # no image reached the model
+
+
+def test_client_text_cannot_forge_log_lines(server: LiveServer) -> None:
+    forged = "FORGED-LINE ERROR app: admin logged in"
+    r = httpx.post(
+        f"{server.url}/v1/score",
+        json={"images": [{"data": "aGk="}], f"x\n{forged}": 1},
+        timeout=30,
+    )
+    assert r.status_code == 422
+    assert (
+        httpx.get(f"{server.url}/no/such%0A{forged.replace(' ', '%20')}%1b%5b31m%00", timeout=30).status_code
+        == 404
+    )
+    log = server.log()
+    assert not any(line.startswith("FORGED-LINE") for line in log.splitlines())
+    assert "\x1b" not in log and "\x00" not in log
+    assert f"\\n{forged}" in log  # the refusal is still logged, escaped
+
+
+def test_head_on_health_routes(server: LiveServer) -> None:
+    for path in ("/livez", "/readyz", "/v2/health/live", "/v2/health/ready"):
+        r = httpx.head(f"{server.url}{path}", timeout=30)
+        assert r.status_code == 200, path
+        assert r.content == b""
