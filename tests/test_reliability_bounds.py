@@ -4,9 +4,13 @@ log lines that cannot be forged, HEAD on the health routes. docs/RELIABILITY.md 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
+import signal
 import socket
+import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -127,3 +131,43 @@ def test_head_on_health_routes(server: LiveServer) -> None:
         r = httpx.head(f"{server.url}{path}", timeout=30)
         assert r.status_code == 200, path
         assert r.content == b""
+
+
+def test_drain_answers_every_admitted_request_in_json(live_server: Callable[..., LiveServer]) -> None:
+    """SIGTERM with a queue far longer than the drain: every admitted request gets a JSON answer (a result,
+    or 504 at the capped deadline), none a cut connection or a plain-text 500, and the process exits 0."""
+    server = live_server(
+        {
+            "DDM_PROFILES_DIR": str(SHIPPED_MODEL / "profiles"),
+            "DDM_MAX_BATCH_SIZE": "1",
+            "DDM_DRAIN_TIMEOUT_S": "4",
+            "DDM_SHUTDOWN_DELAY_S": "0.5",
+            "DDM_REQUEST_TIMEOUT_S": "60",
+        }
+    )
+    images = [png_bytes(size=(32, 32)) for _ in range(4)]
+    files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+
+    async def one(client: httpx.AsyncClient) -> httpx.Response:
+        return await client.post(f"{server.url}/v1/score", files=files)
+
+    async def scenario() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            tasks = [asyncio.ensure_future(one(client)) for _ in range(40)]  # 160 images at batch 1
+            end = time.monotonic() + 60
+            while series(server, "anomaly_queue_images") < 60:
+                assert time.monotonic() < end, "the queue never filled"
+                await asyncio.sleep(0.1)
+            server.send(signal.SIGTERM)
+            return await asyncio.gather(*tasks)
+
+    answers = asyncio.run(scenario())
+    assert server.process.wait(60) == 0
+    codes = Counter(r.status_code for r in answers)
+    assert set(codes) <= {200, 503, 504}, codes
+    assert codes[504] > 0, codes  # the queue could not be computed in the drain: capped deadlines answered
+    for r in answers:
+        assert r.headers["content-type"].startswith("application/json"), r.text[:200]
+        if r.status_code != 200:
+            assert r.json()["error"]["code"] in ("timeout", "not_ready"), r.text

@@ -114,6 +114,7 @@ class DynamicBatcher(Generic[T, R]):
         self._queue: deque[_Entry[T, R]] = deque()
         self._cond = threading.Condition()  # RLock inside: future callbacks may re-enter from this thread
         self._closed = False
+        self._deadline_cap: float | None = None  # set when draining: no request outlives the drain
         self._safe_size = max_batch_size
         self._rate = 0.0  # items/s of one instance, moving average over batches (for Retry-After)
         self._threads: list[threading.Thread] = []
@@ -142,6 +143,22 @@ class DynamicBatcher(Generic[T, R]):
     def safe_batch_size(self) -> int:
         return self._safe_size
 
+    def cap_deadlines(self, cap: float) -> None:
+        """No request, queued or still to come, waits past ``cap`` (a ``time.monotonic()`` value): a drain
+        that must end by then answers the work it cannot compute with DeadlineExceeded, not a cut
+        connection."""
+        with self._cond:
+            self._deadline_cap = cap
+            for entry in self._queue:
+                entry.request.deadline = self._capped(entry.request.deadline)
+            self._cond.notify_all()
+
+    def _capped(self, deadline: float | None) -> float | None:
+        cap = self._deadline_cap
+        if cap is None:
+            return deadline
+        return cap if deadline is None else min(deadline, cap)
+
     def submit(self, items: Sequence[T], deadline: float | None = None) -> Future[Completed[R]]:
         """Queue a request's items; the future resolves to :class:`Completed` or raises a domain error.
 
@@ -158,6 +175,7 @@ class DynamicBatcher(Generic[T, R]):
                 f"{n} images in one request; the queue holds at most {self.max_queue_items}"
             )
         now = time.monotonic()
+        deadline = self._capped(deadline)
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("request deadline passed before it was queued")
         request: _Request[T, R] = _Request(items, deadline, now, outputs=[None] * n, remaining=n)
@@ -181,6 +199,7 @@ class DynamicBatcher(Generic[T, R]):
         cancelling the caller (client gone) cancels it. Either way it leaves the queue before compute."""
         future = self.submit(items, deadline)
         waiter = asyncio.wrap_future(future)
+        deadline = self._capped(deadline)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             done, _ = await asyncio.wait({waiter}, timeout=timeout)

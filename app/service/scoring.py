@@ -41,6 +41,8 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+DRAIN_MARGIN_S = 2.0  # time left after the last deadline for one running batch to finish and answer
+
 State = Literal["loading", "ready", "failed", "draining", "stopped"]
 V = TypeVar("V")
 
@@ -179,9 +181,14 @@ class ScoringService:
         return self.state == "ready"
 
     def begin_drain(self) -> None:
-        """Readiness goes false and new work is refused; accepted work continues."""
+        """Readiness goes false and new work is refused; accepted work continues until the drain's end:
+        the server stops ``shutdown_delay_s + drain_timeout_s`` from now, so every accepted request's
+        deadline is capped a margin before that and what cannot be computed in time gets its JSON 504
+        instead of a connection cut at shutdown (docs/API.md#errors)."""
         if self.state in ("loading", "ready"):
             log.info("draining: readiness is now false, new work is refused")
+            ends = self.settings.shutdown_delay_s + self.settings.drain_timeout_s
+            self.batcher.cap_deadlines(time.monotonic() + max(0.0, ends - DRAIN_MARGIN_S))
         self.state = "draining"
         self.metrics.ready.set(0)
 

@@ -7,6 +7,7 @@ as it passes the cap, so no route ever holds more than the cap in memory.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -83,6 +84,14 @@ class RequestContext:
                 await error_response(413, "too_large", message, request_id)(scope, receive, tagged_send)
                 return
             await self.app(scope, limited_receive, tagged_send)
+        except asyncio.CancelledError:
+            # the server is stopping past its drain time and cancels what is left: answer in the API's
+            # error shape rather than leave it to the server's plain-text 500
+            if not started:
+                self.metrics.refuse("not_ready")
+                await error_response(503, "not_ready", "the service stopped before this request was answered",
+                                     request_id)(scope, receive, tagged_send)  # fmt: skip
+            raise
         except Exception:
             log.exception("unhandled error on %s [request_id=%s]", scope.get("path"), request_id)
             self.metrics.refuse("engine_error")
