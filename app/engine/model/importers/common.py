@@ -86,6 +86,10 @@ class Rule:
     source_shape: Callable[[tuple[int, ...]], tuple[int, ...]] = tuple
 
 
+# (source key, its shape, function of the whole source state dict -> the target tensors it gives)
+ExtraRule = tuple[str, tuple[int, ...], Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]]
+
+
 def copy_rules(
     source_prefix: str, target_prefix: str, names: tuple[str, ...] = ("weight", "bias")
 ) -> list[Rule]:
@@ -110,13 +114,13 @@ def apply_rules(
     rules: list[Rule],
     expected: Mapping[str, torch.Size | tuple[int, ...]],
     what: str,
-    extra_rules: list[tuple[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]]] | None = None,
+    extra_rules: list[ExtraRule] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Convert ``source`` by ``rules`` (plus ``extra_rules``: source key -> function giving several targets,
-    e.g. a fused qkv) into the diffusers state dict whose keys/shapes are ``expected``; any missing, unused or
-    mis-shaped key is an error naming it."""
+    """Convert ``source`` by ``rules`` (plus ``extra_rules``: source key with its shape -> function giving
+    several targets, e.g. a fused qkv) into the diffusers state dict whose keys/shapes are ``expected``; any
+    missing, unused or mis-shaped key is an error naming it."""
     extra_rules = extra_rules or []
-    wanted = [r.source for r in rules] + [k for k, _ in extra_rules]
+    wanted = [r.source for r in rules] + [k for k, _, _ in extra_rules]
     missing = [k for k in wanted if k not in source]
     unused = sorted(set(source) - set(wanted))
     problems = []
@@ -133,6 +137,10 @@ def apply_rules(
                 shape_errors.append(
                     f"{rule.source}: {list(got)} in the checkpoint, {list(want)} from the config"
                 )
+    for key, want_shape, _ in extra_rules:
+        if key in source and tuple(source[key].shape) != tuple(want_shape):
+            got = tuple(source[key].shape)
+            shape_errors.append(f"{key}: {list(got)} in the checkpoint, {list(want_shape)} from the config")
     if shape_errors:
         problems.append(
             "shape mismatch " + "; ".join(shape_errors[:5]) + (" ..." if len(shape_errors) > 5 else "")
@@ -144,7 +152,7 @@ def apply_rules(
     out: dict[str, torch.Tensor] = {}
     for rule in rules:
         out[rule.target] = rule.transform(source[rule.source])
-    for _key, fn in extra_rules:
+    for _key, _shape, fn in extra_rules:
         out.update(fn(source))
     not_filled = sorted(set(expected) - set(out))
     surplus = sorted(set(out) - set(expected))

@@ -32,6 +32,7 @@ import torch
 
 from app.engine.model.importers.common import (
     CheckpointImportError,
+    ExtraRule,
     Rule,
     apply_rules,
     build_unet,
@@ -330,23 +331,17 @@ def _qkv_splitter(src: str, dst: str, channels: int, head_dim: int, legacy_order
 
 
 def _attention(
-    src: str, dst: str, channels: int, head_dim: int, legacy_order: bool, source: dict[str, torch.Tensor]
-) -> tuple[list[Rule], list]:
+    src: str, dst: str, channels: int, head_dim: int, legacy_order: bool
+) -> tuple[list[Rule], list[ExtraRule]]:
     rules = copy_rules(f"{src}.norm", f"{dst}.group_norm") + linear_from_1x1(
         f"{src}.proj_out", f"{dst}.to_out.0", dims=1
     )
-    # the fused qkv is checked here (apply_rules checks 1:1 rules only)
-    for key, want in (
-        (f"{src}.qkv.weight", (3 * channels, channels, 1)),
-        (f"{src}.qkv.bias", (3 * channels,)),
-    ):
-        if key in source and tuple(source[key].shape) != want:
-            raise CheckpointImportError(
-                f"shape mismatch {key}: {list(source[key].shape)} in the checkpoint, "
-                f"{list(want)} from the flags"
-            )
     split = _qkv_splitter(src, dst, channels, head_dim, legacy_order)
-    return rules, [(f"{src}.qkv.weight", split), (f"{src}.qkv.bias", lambda s: {})]
+    extra: list[ExtraRule] = [
+        (f"{src}.qkv.weight", (3 * channels, channels, 1), split),
+        (f"{src}.qkv.bias", (3 * channels,), lambda s: {}),  # split together with the weight
+    ]
+    return rules, extra
 
 
 def convert_state_dict(source: dict[str, torch.Tensor], flags: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -359,11 +354,11 @@ def convert_state_dict(source: dict[str, torch.Tensor], flags: dict[str, Any]) -
     attn_levels, head_dim = set(arch["attn_levels"]), arch["head_dim"]
     legacy = not flags["use_new_attention_order"]
     rules: list[Rule] = []
-    extra: list = []
+    extra: list[ExtraRule] = []
 
     def attention(src: str, dst: str, channels: int) -> None:
         size = channels // arch["attention_heads"][dst] if dst in arch["attention_heads"] else head_dim
-        r, e = _attention(src, dst, channels, size, legacy, source)
+        r, e = _attention(src, dst, channels, size, legacy)
         rules.extend(r)
         extra.extend(e)
 
