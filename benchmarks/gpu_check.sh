@@ -8,7 +8,8 @@
 # Writes to $OUT (at most 8 files come back): log.txt, engine_small.json (shipped 32 px model),
 # engine_256.json (random weights, google/ddpm-celebahq-256's exact architecture), precision.json
 # (bf16 / fp16 vs fp32 scores), service.json (batched vs max-batch-1 service, engine reference),
-# engine_compile.json (torch.compile beside eager).
+# engine_compile.json (torch.compile beside eager), model_costs.json (issue 15: DiffPath's CelebA-32 model
+# and google/ddpm-celebahq-256, random weights, imported-folder layout: images/s, memory per image, FLOPs).
 # Each step has its own time limit, so one that hangs cannot eat the others' device time.
 set -u
 cd "$(dirname "$0")/.."
@@ -47,6 +48,7 @@ from pathlib import Path; m(Path('/tmp/gpu-check-model'))" || exit 1
     COMPILE=(--model /tmp/gpu-check-model --batch-sizes 2 --rounds 1 --min-images 2 --naive-images 2 --steps 2
              --variants --variant-batches 2 --compile)
     PREC=(--model /tmp/gpu-check-model --reference 40 --test 10)
+    COSTS=(--quick)
     SERVICE=(-c 1 2 -n 4 --env DDM_TORCH_THREADS=1)
 else
     SMALL=(--batch-sizes 1 8 32 128 512 2048 8192 --rounds 3 --min-images 64 --naive-images 8
@@ -57,28 +59,32 @@ else
     COMPILE=(--batch-sizes 1 128 --rounds 2 --min-images 64 --naive-images 2 --variants --variant-batches 1 128
              --compile)
     PREC=(--reference 200 --test 100)
+    COSTS=(--models diffpath-celeba32 celebahq-256 --batch-sizes 1 16 64 --rounds 2)
     SERVICE=(-c 1 8 16 32 64 -n 64 --per-client 4)
 fi
 
-# Typical total on an H200: 5-6 minutes; the limits add up to 580 s, the order is by importance (each step
+# Typical total on an H200: 5-6 minutes; the limits add up to 560 s, the order is by importance (each step
 # writes its JSON when it ends, so a cut-off run still returns the earlier ones).
 # 0. no host/device sync inside the trajectory loop (torch.cuda.set_sync_debug_mode("error")).
 step sync_check 40 $PY benchmarks/sync_check.py
+# 0b. what the pretrained models cost on a GPU (docs/MODELS.md): DiffPath's 52.5 M CelebA-32 model (learned
+#     sigma, t*1000/4000, as imported) and the 114 M 256 px celebahq UNet, K = 10, default precision.
+step model_costs 60 $PY benchmarks/model_costs.py --device "$DEVICE" "${COSTS[@]}" --json "$OUT/model_costs.json"
 # 1. shipped model: default precision (bf16 autocast on CUDA) by batch size up to the memory limit, the
 #    naive peer, and fp32 / fp16 / channels_last beside the default.
-step engine_small 150 $PY benchmarks/engine_bench.py --device "$DEVICE" --images "$DATA/celeba" "${SMALL[@]}" \
+step engine_small 130 $PY benchmarks/engine_bench.py --device "$DEVICE" --images "$DATA/celeba" "${SMALL[@]}" \
     --json "$OUT/engine_small.json"
 # 2. a 114 M-parameter 256 px UNet (ddpm-celebahq-256's config, random weights): same cost as the real one.
-step engine_256 150 $PY benchmarks/engine_bench.py --device "$DEVICE" --images "$DATA/celeba" "${BIG[@]}" \
+step engine_256 110 $PY benchmarks/engine_bench.py --device "$DEVICE" --images "$DATA/celeba" "${BIG[@]}" \
     --json "$OUT/engine_256.json"
 # 3. what bf16 / fp16 autocast does to features, scores, verdicts and AUROC (shipped model, real weights).
 step precision 40 $PY benchmarks/precision_check.py --device "$DEVICE" --contenders torch:bfloat16 torch:float16 \
     --normal "$DATA/celeba" --ood "$DATA/cifar10" "${PREC[@]}" --json "$OUT/precision.json"
 # 4. the service on the GPU: batching on vs DDM_MAX_BATCH_SIZE=1, and the engine alone for the ratios.
-step service 150 $PY benchmarks/service_load.py --serve --env DDM_DEVICE="$DEVICE" \
+step service 130 $PY benchmarks/service_load.py --serve --env DDM_DEVICE="$DEVICE" \
     --compare DDM_MAX_BATCH_SIZE=1 --engine-reference --images "$DATA/celeba" "${SERVICE[@]}" \
     --json "$OUT/service.json"
 # 5. torch.compile of the shipped UNet (compile time is the warm-up column), last: it may not finish.
-step compile 60 $PY benchmarks/engine_bench.py --device "$DEVICE" --images "$DATA/celeba" "${COMPILE[@]}" \
+step compile 50 $PY benchmarks/engine_bench.py --device "$DEVICE" --images "$DATA/celeba" "${COMPILE[@]}" \
     --json "$OUT/engine_compile.json"
 ls -l "$OUT" | tee -a "$LOG"
