@@ -155,8 +155,8 @@ def count_json_images(body: bytes, max_images: int) -> None:
             if text[i : i + 1] != ",":
                 return
             i = ws.match(text, i + 1).end()  # type: ignore[union-attr]
-    except (json.JSONDecodeError, _Malformed):
-        return  # malformed: the validator says where
+    except (json.JSONDecodeError, _Malformed, RecursionError):
+        return  # malformed or nested too deep for the stdlib: the validator says what is wrong
 
 
 class _Malformed(Exception):
