@@ -6,6 +6,8 @@ import io
 import os
 import re
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -56,6 +58,16 @@ def require_data(name: str, n: int, start: int = 0) -> list[Path]:
     if len(found) < n:
         missing(f"needs {n} images of {DATA / name} from #{start} (found {len(found)}; set DDM_TEST_DATA)")
     return found
+
+
+def until(condition: Callable[[], object], what: str, timeout: float = 30.0, interval: float = 0.002) -> None:
+    """Poll ``condition`` until it is truthy; fail naming ``what`` after ``timeout`` seconds (never a hang
+    until pytest's 600 s limit)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
 
 
 # --- Prometheus text exposition -------------------------------------------------------------------------

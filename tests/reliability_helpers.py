@@ -8,17 +8,22 @@ import httpx
 
 
 def samples(url: str) -> dict[str, float]:
-    """Every sample of /metrics: ``name{labels}`` -> value."""
+    """Every sample of /metrics: ``name{labels}`` -> value; each declared family also as ``# TYPE name``
+    (value 0), so that :func:`moved` can tell a family with no movement from one that is not there."""
     out = {}
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line and not line.startswith("#"):
+        if line.startswith("# TYPE "):
+            out[f"# TYPE {line.split()[2]}"] = 0.0
+        elif line and not line.startswith("#"):
             series, _, value = line.rpartition(" ")
             out[series] = float(value)
     return out
 
 
 def moved(before: dict[str, float], after: dict[str, float], name: str) -> dict[str, float]:
-    """Label sets of ``name`` whose value changed: {'{labels}': delta}."""
+    """Label sets of ``name`` whose value changed: {'{labels}': delta}. Fails when /metrics does not declare
+    ``name`` at all (a renamed metric must not read as "nothing moved")."""
+    assert f"# TYPE {name}" in after, f"/metrics declares no {name}"
     out = {}
     for series in set(before) | set(after):
         if series.startswith(name + "{"):

@@ -23,6 +23,7 @@ from PIL import Image
 from app.engine.calibration import fit_profile
 from app.settings import Settings
 from app.web.app import create_app
+from tests.helpers import metric_value, until
 from tests.service_fakes import FakeScorer, png
 
 WAIT = 10.0
@@ -41,8 +42,7 @@ def running(tmp_path: Path, fake: FakeScorer, wait: bool = True, **overrides: An
     with TestClient(app, raise_server_exceptions=False) as client:
         if wait:
             assert fake.loaded.wait(WAIT)
-            while client.get("/readyz").status_code != 200:
-                pass
+            until(lambda: client.get("/readyz").status_code == 200, "/readyz 200", WAIT)
         yield client
 
 
@@ -97,11 +97,8 @@ def error_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]
 
 
 def metric(client: TestClient, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    """A sample of /metrics; a missing series fails (tests/helpers.py: metric_value)."""
+    return metric_value(client.get("/metrics").text, name, **labels)
 
 
 # --- health and lifecycle ---------------------------------------------------------------------------------
@@ -123,16 +120,14 @@ def test_livez_answers_while_loading_and_readyz_turns_ready(tmp_path: Path, fake
         assert refused.headers["retry-after"]
         fake.release.set()
         assert fake.loaded.wait(WAIT)
-        while client.get("/readyz").status_code != 200:
-            pass
+        until(lambda: client.get("/readyz").status_code == 200, "/readyz 200", WAIT)
         assert client.get("/v2/health/ready").json()["model_id"] == "fake@000000000000"
 
 
 def test_failed_load_stays_not_ready_but_live(tmp_path: Path, fake: FakeScorer) -> None:
     fake.load_error = RuntimeError("weights missing")
     with running(tmp_path, fake, wait=False) as client:
-        while client.get("/readyz").json()["status"] == "loading":
-            pass
+        until(lambda: client.get("/readyz").json()["status"] != "loading", "the load to end", WAIT)
         assert client.get("/readyz").status_code == 503
         assert client.get("/readyz").json()["status"] == "failed"
         assert client.get("/livez").status_code == 200
@@ -415,8 +410,7 @@ def test_full_queue_is_503_with_retry_after(tmp_path: Path, fake: FakeScorer, de
         threads = [_post_in_thread(client, png(1), results)]
         assert fake.entered.wait(WAIT)  # the worker is inside the first batch
         threads += [_post_in_thread(client, png(i), results) for i in (2, 3)]
-        while app_service.batcher.queued < 2:
-            pass
+        until(lambda: app_service.batcher.queued >= 2, "two queued images", WAIT)
         refused = client.post("/v1/score", content=png(4), headers={"content-type": "image/png"})
         error_of(refused, 503, "queue_full")
         assert int(refused.headers["retry-after"]) >= 1
@@ -447,8 +441,8 @@ def test_concurrent_requests_are_batched(profiled: TestClient, fake: FakeScorer)
     threads = [_post_in_thread(profiled, png(1), results)]
     assert fake.entered.wait(WAIT)
     threads += [_post_in_thread(profiled, png(i), results) for i in range(2, 8)]
-    while profiled.app.state.service.batcher.queued < 6:  # type: ignore[attr-defined]
-        pass
+    service = profiled.app.state.service  # type: ignore[attr-defined]
+    until(lambda: service.batcher.queued >= 6, "six queued images", WAIT)
     fake.gate.set()
     for t in threads:
         t.join(WAIT)
@@ -502,14 +496,13 @@ def test_profile_creation_waits_for_room_in_a_full_queue(
         threads = [_post_in_thread(client, png(1), results)]
         assert fake.entered.wait(WAIT)
         threads += [_post_in_thread(client, png(i), results) for i in (2, 3)]
-        while service.batcher.queued < 2:
-            pass
+        until(lambda: service.batcher.queued >= 2, "two queued images", WAIT)
         before = metric(client, "anomaly_refusals_total", reason="queue_full")
         created: list[httpx.Response] = []
         maker = threading.Thread(target=lambda: created.append(make_profile_response(client, "waited")))
         maker.start()
-        while metric(client, "anomaly_images_total", outcome="refused") < 1:  # its first chunk found no room
-            pass
+        # its first chunk found no room
+        until(lambda: metric(client, "anomaly_images_total", outcome="refused") >= 1, "a refused chunk", WAIT)
         fake.gate.set()
         for t in [*threads, maker]:
             t.join(WAIT)

@@ -25,7 +25,7 @@ from app.errors import (
 )
 from app.service.batcher import DynamicBatcher
 from app.service.metrics import Metrics
-from tests.helpers import metric_value
+from tests.helpers import metric_value, until
 
 WAIT = 10.0  # generous bound on waits for the worker thread; never reached when things work
 
@@ -231,7 +231,9 @@ def test_past_deadline_is_refused_before_queueing(batcher) -> None:
 async def test_cancelled_caller_is_dropped_before_compute(engine, batcher) -> None:
     busy(engine, batcher)
     task = asyncio.ensure_future(batcher.run([7, 8, 9]))
+    end = time.monotonic() + WAIT
     while batcher.queued < 3:
+        assert time.monotonic() < end, "the request never reached the queue"
         await asyncio.sleep(0.001)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -317,8 +319,7 @@ def test_close_drains_accepted_work_then_refuses(engine, batcher) -> None:
     accepted = [batcher.submit([x, x + 1]) for x in (10, 20, 30)]
     closer = threading.Thread(target=batcher.close, kwargs={"drain": True, "timeout": WAIT})
     closer.start()
-    while not batcher.closed:  # close() has taken effect
-        time.sleep(0.001)
+    until(lambda: batcher.closed, "close() to take effect", WAIT)
     with pytest.raises(ModelNotReady):
         batcher.submit([1])
     engine.gate.set()
@@ -406,8 +407,7 @@ def test_close_drains_with_every_instance_busy_and_stops_them_all() -> None:
     queued = [b.submit([x, x + 1]) for x in (10, 20, 30, 40)]
     closer = threading.Thread(target=b.close, kwargs={"drain": True, "timeout": WAIT})
     closer.start()
-    while not b.closed:
-        time.sleep(0.001)
+    until(lambda: b.closed, "close() to take effect", WAIT)
     with pytest.raises(ModelNotReady):
         b.submit([1])
     engine.gate.set()

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from app.settings import Settings
+from tests.helpers import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -31,6 +32,15 @@ def compose_command() -> list[str] | None:
     return None
 
 
+def require_compose() -> list[str]:
+    command = compose_command()
+    if command is None:
+        missing(
+            "neither `docker compose` nor `docker-compose` is installed (Debian `docker-compose`; .ci/run)"
+        )
+    return command
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
@@ -38,11 +48,7 @@ def compose() -> dict[str, Any]:
 
 
 def run_compose_config(*extra: str) -> subprocess.CompletedProcess[str]:
-    command = compose_command()
-    if command is None:
-        pytest.skip(
-            "neither `docker compose` nor `docker-compose` is installed (.ci/run installs the latter)"
-        )
+    command = require_compose()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DDM_", "COMPOSE_"))}
     return subprocess.run(
         [*command, "--project-directory", str(ROOT), "-f", str(COMPOSE), *extra],
@@ -69,9 +75,7 @@ def test_compose_validation_rejects_a_broken_file(tmp_path: Path) -> None:
     broken = yaml.safe_load(COMPOSE.read_text())
     broken["services"]["prometheus"]["restart_policy_typo"] = "always"
     (tmp_path / "docker-compose.yml").write_text(yaml.safe_dump(broken))
-    command = compose_command()
-    if command is None:
-        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    command = require_compose()
     result = subprocess.run(
         [*command, "-f", str(tmp_path / "docker-compose.yml"), "config", "-q"],
         capture_output=True,

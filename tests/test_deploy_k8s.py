@@ -17,6 +17,7 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from app.settings import Settings
+from tests.helpers import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -39,7 +40,7 @@ def kustomize_command() -> list[str] | None:
 def render(path: str) -> tuple[Manifest, ...]:
     command = kustomize_command()
     if command is None:
-        pytest.skip("neither kubectl nor kustomize is installed; cannot render the kustomizations")
+        missing("neither kubectl nor kustomize is installed; cannot render the kustomizations")
     result = subprocess.run([*command, str(K8S / path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 from app.service.metrics import Metrics
+from tests.helpers import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -132,9 +131,7 @@ def grafana_to_promql(expr: str) -> str:
 
 def promtool_check_exprs(exprs: dict[str, str], tmp_path: Path) -> None:
     """Let Prometheus' own parser judge every expression, as recording rules through ``promtool``."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian package `prometheus`; .ci/run installs it)")
+    promtool = require_tool("promtool", hint="Debian package `prometheus`; .ci/run installs it")
     rules = {
         "groups": [
             {
@@ -275,9 +272,7 @@ def test_prometheus_config_scrapes_the_service() -> None:
 
 
 def test_prometheus_config_and_alerts_pass_promtool() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian package `prometheus`; .ci/run installs it)")
+    promtool = require_tool("promtool", hint="Debian package `prometheus`; .ci/run installs it")
     result = subprocess.run(
         [promtool, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True
     )

@@ -1,13 +1,13 @@
 """A real Prometheus scrapes a real `ddm-anomaly serve` on 127.0.0.1: after a few scoring requests, a
 PromQL query through Prometheus' HTTP API returns exactly that request count, and every query of the
-provisioned Grafana dashboard evaluates."""
+provisioned Grafana dashboard evaluates to a non-empty result (traffic covers every panel: normal and
+anomalous verdicts, a refusal, and a 500 from the test-only fault hook, so the 5xx ratio has a series)."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
+import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,12 +21,14 @@ import httpx
 import pytest
 import yaml
 
+from tests.helpers import require_tool
 from tests.test_deploy_monitoring import dashboard_queries, grafana_to_promql
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUESTS = 3
+FAULT_SIZE = (13, 17)
 PROFILE_IMAGES = 12  # calibration needs at least 10
 
 
@@ -37,14 +39,15 @@ def free_port() -> int:
         return port
 
 
-def png_bytes(seed: int) -> bytes:
+def png_bytes(seed: int, size: tuple[int, int] = (32, 32)) -> bytes:
     """A 32x32 RGB PNG: a smooth gradient plus seeded noise, different for every seed."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    ramp = np.linspace(0, 255, 32)[None, :, None] * rng.uniform(0.3, 1.0, size=(1, 1, 3))
-    pixels = np.clip(ramp + rng.normal(0, 20, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+    width, height = size
+    ramp = np.linspace(0, 255, width)[None, :, None] * rng.uniform(0.3, 1.0, size=(1, 1, 3))
+    pixels = np.clip(ramp + rng.normal(0, 20, size=(height, width, 3)), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buf, format="PNG")
     return buf.getvalue()
@@ -79,8 +82,6 @@ def wait_until(check: Any, timeout: float, what: str, log: Path | None = None) -
 def live_service(tmp_path: Path) -> Iterator[str]:
     """`python -m app serve` on a free port of 127.0.0.1, CPU, shipped model, profiles in a temporary folder
     (open profile creation); yields its base URL."""
-    if importlib.util.find_spec("app.commands.serve") is None:
-        pytest.skip("`ddm-anomaly serve` is not written yet")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DDM_")}
     env.update(
@@ -90,7 +91,13 @@ def live_service(tmp_path: Path) -> Iterator[str]:
         DDM_DRAIN_TIMEOUT_S="5",
         DDM_PROFILES_DIR=str(tmp_path / "profiles"),
         DDM_ALLOW_OPEN_PROFILE_CREATION="true",
+        # test-only hook (app/service/faults.py): a batch holding a 13x17 image fails with a 500
+        DDM_FAULT_INJECTION=f"fail={FAULT_SIZE[0]}x{FAULT_SIZE[1]}",
     )
+    # the committed CelebA profile as "celeba": the golden MNIST digit is an anomaly under it
+    (tmp_path / "profiles").mkdir()
+    celeba = json.loads((ROOT / "model_store" / "celeba32-ref" / "profiles" / "default.json").read_text())
+    (tmp_path / "profiles" / "celeba.json").write_text(json.dumps({**celeba, "name": "celeba"}))
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -118,9 +125,7 @@ def live_service(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def prometheus(tmp_path: Path, live_service: str) -> Iterator[str]:
     """Debian's Prometheus scraping the live service every second; yields its base URL."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("prometheus not installed (Debian package `prometheus`; .ci/run installs it)")
+    binary = require_tool("prometheus", hint="Debian package `prometheus`; .ci/run installs it")
     port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -172,6 +177,18 @@ def test_prometheus_scrapes_the_request_count(live_service: str, prometheus: str
         response = httpx.post(f"{live_service}/v1/score", files=files, timeout=60)
         assert response.status_code == 200, response.text
 
+    # the rest of the traffic the dashboard shows: an anomaly, a refusal and an engine failure (500)
+    digit = (ROOT / "tests" / "goldens" / "images" / "mnist_000000.png").read_bytes()
+    response = httpx.post(f"{live_service}/v1/score", params={"profile": "celeba"}, timeout=60,
+                          files={"files": ("digit.png", digit, "image/png")})  # fmt: skip
+    assert response.status_code == 200 and response.json()["results"][0]["is_anomaly"], response.text
+    refused = httpx.post(f"{live_service}/v1/score", content=b"not an image", timeout=60,
+                         headers={"content-type": "image/png"})  # fmt: skip
+    assert refused.status_code == 415, refused.text
+    failing = {"files": ("fault.png", png_bytes(7, FAULT_SIZE), "image/png")}
+    assert httpx.post(f"{live_service}/v1/score", files=failing, timeout=60).status_code == 500
+    sent = REQUESTS + 3
+
     promql = 'sum(anomaly_requests_total{endpoint="/v1/score"})'
 
     def counted() -> float | None:
@@ -180,18 +197,30 @@ def test_prometheus_scrapes_the_request_count(live_service: str, prometheus: str
 
     deadline = time.monotonic() + 30
     value = None
-    while time.monotonic() < deadline and value != REQUESTS:
+    while time.monotonic() < deadline and value != sent:
         value = counted()
         time.sleep(0.5)
-    assert value == REQUESTS, f"{promql} = {value}, expected {REQUESTS}"
+    assert value == sent, f"{promql} = {value}, expected {sent}"
     (up,) = query(prometheus, 'up{job="ddm-anomaly"}')
     assert up["value"][1] == "1"
 
-    # Every dashboard query evaluates against the real series (syntax, functions, label matchers).
+    # Every dashboard query evaluates against the real series (syntax, functions, label matchers) and
+    # shows something: an empty result is a panel with a misspelt metric or label (rates need two scrapes
+    # after the traffic, so each gets a bounded wait).
+    empty = []
     for title, expr in dashboard_queries().items():
-        query(prometheus, grafana_to_promql(expr))
-        assert title
+        promql_expr = grafana_to_promql(expr)
+        deadline = time.monotonic() + 30
+        while not (result := query(prometheus, promql_expr)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if not result:
+            empty.append(f"{title}: {promql_expr}")
+    assert not empty, "dashboard queries with no data:\n" + "\n".join(empty)
     ready = query(prometheus, "max(anomaly_ready)")
     assert ready and ready[0]["value"][1] == "1"
     verdicts = query(prometheus, 'sum(anomaly_verdicts_total{profile="default"})')
-    assert verdicts and float(verdicts[0]["value"][1]) == REQUESTS
+    assert verdicts and float(verdicts[0]["value"][1]) == REQUESTS, query(
+        prometheus, "sum by (profile, verdict) (anomaly_verdicts_total)"
+    )
+    (flagged,) = query(prometheus, 'sum(anomaly_verdicts_total{profile="celeba",verdict="anomaly"})')
+    assert flagged["value"][1] == "1"

@@ -14,7 +14,7 @@ from app.engine.model_loading import ModelLoadError, load_model
 from app.engine.preprocessing import PreparedImage
 from app.engine.scorer import Scorer
 from app.engine.types import MethodOptions
-from tests.helpers import SHIPPED_MODEL, data_images, make_tiny_model
+from tests.helpers import SHIPPED_MODEL, make_tiny_model, require_data
 
 BATCH_TOLERANCE = dict(rtol=1e-4, atol=1e-3)  # documented in docs/METHOD_NOTES.md
 
@@ -72,9 +72,7 @@ def shipped() -> Scorer:
 
 @pytest.mark.slow
 def test_score_does_not_depend_on_the_batch(shipped: Scorer) -> None:
-    files = data_images("celeba", 12) + data_images("mnist", 4)
-    if len(files) < 16:
-        pytest.skip("../shared/data not present")
+    files = require_data("celeba", 12) + require_data("mnist", 4)
     images = [shipped.decode(f.read_bytes()) for f in files]
     together = np.stack([s.features for s in shipped.run(images)])
     for i in (0, 7, 15):
@@ -84,11 +82,9 @@ def test_score_does_not_depend_on_the_batch(shipped: Scorer) -> None:
 
 @pytest.mark.slow
 def test_celeba_scores_lower_than_mnist_on_the_shipped_model(shipped: Scorer) -> None:
-    fit_files = data_images("celeba", 48)
-    test_celeba = data_images("celeba", 8, start=1000)
-    test_mnist = data_images("mnist", 8)
-    if len(fit_files) < 48 or len(test_mnist) < 8:
-        pytest.skip("../shared/data not present")
+    fit_files = require_data("celeba", 48)
+    test_celeba = require_data("celeba", 8, start=1000)
+    test_mnist = require_data("mnist", 8)
 
     def features(files: list[Path]) -> np.ndarray:
         return np.stack([s.features for s in shipped.run([shipped.decode(f.read_bytes()) for f in files])])
@@ -97,17 +93,16 @@ def test_celeba_scores_lower_than_mnist_on_the_shipped_model(shipped: Scorer) ->
         "t", features(fit_files), model_id=shipped.info.model_id, options=shipped.options, fprs=(0.05,)
     )
     celeba, mnist = profile.score(features(test_celeba)), profile.score(features(test_mnist))
-    assert np.median(mnist) > np.max(np.median(celeba))
-    assert (mnist[:, None] > celeba[None, :]).mean() >= 0.9  # AUROC on 8 vs 8
+    # measured: digits 69.1 .. 240.8, faces -21.2 .. -3.8; every digit scores above every face
+    assert np.min(mnist) > np.max(celeba) + 10, (np.sort(celeba), np.sort(mnist))
+    assert (mnist > profile.threshold).all() and (celeba > profile.threshold).mean() <= 0.25
 
 
 @pytest.mark.slow
 def test_the_shipped_profile_tells_cifar10_from_celeba(shipped: Scorer) -> None:
     """The hardest pair of ../shared/data, judged by the committed default profile as the service would:
     per-step features reach ~0.95 AUROC there (the six sums ~0.87, ACCURACY.md)."""
-    celeba, cifar = data_images("celeba", 24, start=3000), data_images("cifar10", 24, start=100)
-    if len(celeba) < 24 or len(cifar) < 24:
-        pytest.skip("../shared/data not present")
+    celeba, cifar = require_data("celeba", 24, start=3000), require_data("cifar10", 24, start=100)
     profile = Profile.load(SHIPPED_MODEL / "profiles" / "default.json")
     assert profile.options == shipped.options  # the service would refuse it otherwise
 

@@ -19,15 +19,15 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer
-from tests.helpers import SHIPPED_MODEL, data_images
+from tests.helpers import SHIPPED_MODEL, data_images, require_data
 
 PACKAGE = "ddm_generated_client"
 
 
 @pytest.fixture(scope="module")
 def server(live_server_module: Callable[..., LiveServer]) -> LiveServer:
-    if not data_images("celeba", 1) or not data_images("mnist", 1):
-        pytest.skip("needs ../shared/data (celeba, mnist)")
+    require_data("celeba", 1)
+    require_data("mnist", 1)
     # the committed default profile, read only: nothing here creates profiles
     return live_server_module({"DDM_PROFILES_DIR": str(SHIPPED_MODEL / "profiles")})
 

@@ -11,6 +11,7 @@ from 12 CelebA images.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import socket
@@ -23,31 +24,23 @@ import pytest
 
 from app.client import AnomalyClient, AsyncAnomalyClient, ServiceError
 from tests.conftest import LiveServer
-from tests.helpers import DATA as SHARED_DATA
+from tests.helpers import metric_value, require_data
 from tests.reliability_helpers import send_chunks_until_answered
 
 pytestmark = [pytest.mark.slow, pytest.mark.live]
 
-DATA = SHARED_DATA / "celeba"
 KEY = "live-test-key"
 PROFILE = "faces"
 POLL_LIMIT_S = 60.0  # bound on waiting for a state the server reaches by itself
 
 
 def faces(start: int, count: int) -> list[bytes]:
-    paths = sorted(DATA.glob("*.png"))[start : start + count]
-    if len(paths) < count:
-        pytest.skip(f"needs {count} CelebA images in {DATA}")
-    return [p.read_bytes() for p in paths]
+    return [p.read_bytes() for p in require_data("celeba", count, start)]
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = re.compile(rf"^{re.escape(name)}(\{{{re.escape(want)}\}})? (\S+)$", re.M)
-    for match in pattern.finditer(text):
-        if bool(match.group(1)) == bool(labels):
-            return float(match.group(2))
-    return 0.0
+    """A sample of a /metrics text; a missing series fails (tests/helpers.py: metric_value)."""
+    return metric_value(text, name, **labels)
 
 
 async def until_batch_running(client: AsyncAnomalyClient) -> None:
@@ -266,13 +259,14 @@ def test_chunked_body_over_the_cap_is_cut_off_while_streaming(small: LiveServer)
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(head)
         sent, answer = send_chunks_until_answered(sock, 10 * 1024 * 1024)  # 10 MiB against a 64 KiB cap
-        while b"\r\n\r\n" not in answer:
-            more = sock.recv(65536)
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):  # headers + JSON body
+            more = sock.recv(65536)  # bounded by the socket's 30 s timeout
             if not more:
                 break
             answer += more
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
-    assert b'"too_large"' in answer or b"413" in answer
+    error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "too_large" and str(64 * 1024) in error["message"], error
     assert sent < 1024 * 1024  # refused after about the cap, not after reading 10 MiB
 
 

@@ -14,7 +14,7 @@ import torch
 from app.engine.model_loading import ModelLoadError, load_model
 from app.engine.runtimes import RuntimeUnavailable, build_runtime
 from app.engine.scorer import Scorer
-from tests.helpers import DATA
+from tests.helpers import require_data
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +25,7 @@ FLOAT32_TOL = 2e-3
 
 
 def images(folder: str, count: int, start: int = 0) -> list[bytes]:
-    paths = sorted((DATA / folder).glob("*.png"))[start : start + count]
-    if len(paths) < count:
-        pytest.skip(f"needs {count} images in {DATA / folder}")
-    return [p.read_bytes() for p in paths]
+    return [p.read_bytes() for p in require_data(folder, count, start)]
 
 
 def features(scorer: Scorer, blobs: list[bytes]) -> np.ndarray:
@@ -64,7 +61,7 @@ def test_concurrent_instances_get_their_own_results() -> None:
     batches = [images("celeba", 6), images("mnist", 6)]
     expected = [features(scorer, b) for b in batches]
     results: dict[int, list[np.ndarray]] = {0: [], 1: []}
-    start = threading.Barrier(2)
+    start = threading.Barrier(2, timeout=120)
 
     def work(i: int) -> None:
         start.wait()
