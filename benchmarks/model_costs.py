@@ -237,14 +237,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all("error" not in r for r in results.values()) else 1
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
     info = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "device": args.device,
         "cuda_device": torch.cuda.get_device_name() if args.device == "cuda" else None,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),  # other processes on the host: timings are only as quiet as this
         "torch": torch.__version__,
         "steps": args.steps,
     }
