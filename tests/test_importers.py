@@ -469,3 +469,45 @@ def test_flags_refused_with_reasons() -> None:
     ]:
         with pytest.raises(CheckpointImportError, match=why):
             idf.unet_config({**base, **change}) and idf.betas({**base, **change})
+
+
+def test_sidecar_attention_heads_give_layers_their_own_head_count(tmp_path: Path, id_folder: Path) -> None:
+    """The tiny model with a config head size of 64 (one head per layer) plus the sidecar's per-layer head
+    count 4 is the original network again; without the sidecar entry it is not."""
+    import shutil
+
+    ref = reference(ID / "tiny_reference.pt")
+    folder = tmp_path / "heads"
+    shutil.copytree(id_folder, folder)
+    config_path = folder / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "attention_head_dim": 64}))
+    sidecar = json.loads((folder / "ddm_anomaly.json").read_text())
+    layers = ["down_blocks.1.attentions.0", "down_blocks.2.attentions.0", "mid_block.attentions.0"] + [
+        f"up_blocks.{u}.attentions.{j}" for u in (1, 2) for j in (0, 1)
+    ]
+    x, t = ref["x"].contiguous(), ref["t_index"].long()
+    outputs = {}
+    for name, heads in (("one head", {}), ("four heads", dict.fromkeys(layers, 4))):
+        (folder / "ddm_anomaly.json").write_text(json.dumps({**sidecar, "attention_heads": heads}))
+        for runtime in RUNTIMES:
+            model = load_model(folder, device="cpu", dtype="float32", runtime=runtime)
+            with torch.no_grad():
+                outputs[name, runtime] = max_diff(model.runtime(x, t), ref["out"][:, :3])
+    assert outputs["four heads", "torch"] <= TOL and outputs["four heads", "onnxruntime"] <= TOL
+    assert outputs["one head", "torch"] > 10 * TOL
+
+
+def test_fixed_head_count_across_widths_needs_per_layer_heads() -> None:
+    """OpenAI's ImageNet-64 flags (DiffPath's imagenet_model_config.yaml): 4 heads at 384 and 512 channels."""
+    flags = {"image_size": 64, "num_channels": 128, "num_res_blocks": 3, "learn_sigma": True,
+             "diffusion_steps": 4000, "noise_schedule": "cosine", "dropout": 0.0}  # fmt: skip
+    config = idf.unet_config(flags)
+    assert config["attention_head_dim"] == 128  # divides 384 and 512: the projections keep their shapes
+    assert parameter_count(config) == 121_063_942  # the original UNetModel's count (checkpoints/NOTES.md)
+    heads = idf.attention_heads(flags)
+    # 384 channels in 4 heads of 96 where the config alone would give 3 heads of 128; 512 = 4 x 128 needs none
+    assert heads == {"down_blocks.2.attentions.0": 4, "down_blocks.2.attentions.1": 4,
+                     "down_blocks.2.attentions.2": 4, "up_blocks.1.attentions.0": 4,
+                     "up_blocks.1.attentions.1": 4, "up_blocks.1.attentions.2": 4,
+                     "up_blocks.1.attentions.3": 4}  # fmt: skip
