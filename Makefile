@@ -35,7 +35,7 @@ goldens: $(STAMP)
 
 # After changing dependencies: re-pin requirements.lock to what is installed (keeps its comment header).
 lock: $(STAMP)
-	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//'; } > requirements.lock.new
+	{ grep '^#' requirements.lock; $(BIN)/pip freeze --all --exclude-editable --exclude pip | sed 's/+[a-z0-9.]*$$//'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

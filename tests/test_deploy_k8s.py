@@ -203,7 +203,8 @@ def test_gpu_limit_only_in_the_gpu_overlay(overlay: tuple[str, tuple[Manifest, .
     image = container(docs)["image"]
     if name == "gpu":
         assert resources["limits"]["nvidia.com/gpu"] == 1
-        assert image.endswith("-gpu")
+        # <version>-gpu-<CUDA flavour>: the Dockerfile's default (tests/test_deploy_docker.py holds it there)
+        assert image.endswith("-gpu-cu130")
         tolerations = one(docs, "Deployment")["spec"]["template"]["spec"]["tolerations"]
         assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
     else:
