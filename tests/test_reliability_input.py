@@ -362,15 +362,18 @@ REFUSED: list[Case] = [
     _bad("content-length-over-cap", raw(lambda: b"\0" * (CAP_BYTES + 1)), 413, "too_large"),
     _bad("chunked-over-cap-cut-while-streaming", chunked_over_cap, 413, "too_large"),
     _bad("slow-upload-past-deadline", slow_upload, 504, "timeout"),
-    # query options and profile names
-    _bad("profile-path-traversal", raw(media.png, params={"profile": "../../etc/passwd"}), 400, "bad_input"),
-    _bad("profile-unicode", raw(media.png, params={"profile": "café"}), 400, "bad_input"),
-    _bad("profile-fullwidth-letters", raw(media.png, params={"profile": "ｄｅｆａｕｌｔ"}), 400, "bad_input"),
-    _bad("profile-nul-byte", raw(media.png, params={"profile": "default\x00.json"}), 400, "bad_input"),
-    _bad("profile-name-65-chars", raw(media.png, params={"profile": "a" * 65}), 400, "bad_input"),
+    # query options and profile names (the schema's name pattern: 422 before any image is read)
+    _bad("profile-path-traversal", raw(media.png, params={"profile": "../../etc/passwd"}), 422, "validation"),
+    _bad("profile-unicode", raw(media.png, params={"profile": "café"}), 422, "validation"),
+    _bad(
+        "profile-fullwidth-letters", raw(media.png, params={"profile": "ｄｅｆａｕｌｔ"}), 422, "validation"
+    ),
+    _bad("profile-nul-byte", raw(media.png, params={"profile": "default\x00.json"}), 422, "validation"),
+    _bad("profile-name-65-chars", raw(media.png, params={"profile": "a" * 65}), 422, "validation"),
     _bad("profile-name-82-chars", raw(media.png, params={"profile": "a" * 82}), 422, "validation"),
     _bad("profile-unknown", raw(media.png, params={"profile": "nosuchprofile"}), 404, "profile_not_found"),
     _bad("timeout-zero", raw(media.png, params={"timeout_s": "0"}), 422, "validation"),
+    _bad("timeout-under-the-minimum", raw(media.png, params={"timeout_s": "0.5"}), 422, "validation"),
     _bad("timeout-nan", raw(media.png, params={"timeout_s": "nan"}), 422, "validation"),
     _bad("explain-maybe", raw(media.png, params={"explain": "maybe"}), 422, "validation"),
     _bad("create-profile-traversal-name", _profile("../evil"), 400, "bad_input"),
@@ -614,13 +617,14 @@ def test_openapi_schema_fuzzing(server: Served) -> None:
     from schemathesis.generation import GenerationMode
 
     def tiny_deadline_504(response: Any) -> bool:
-        """The documented 504 for a deadline the client itself made tiny (fuzzed timeout_s like 5e-324)."""
+        """The documented 504 for a deadline the client itself set near the schema's minimum (1 s): on a
+        busy host one image may take longer. Deadlines below the minimum are refused with 422."""
         sent_query = parse_qs(urlsplit(str(response.request.url)).query)
         try:
             asked = float(sent_query.get("timeout_s", ["inf"])[0])
         except ValueError:
             asked = math.inf
-        return response.status_code == 504 and asked < 1.0
+        return response.status_code == 504 and asked < 5.0
 
     @schemathesis.check
     def no_server_fault(ctx: Any, response: Any, case: Any) -> None:
