@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = Path(__file__).resolve().parent / "schemathesis.toml"
@@ -37,42 +33,13 @@ DEFAULT_PROFILE = ROOT / "model_store" / "celeba32-ref" / "profiles" / "default.
 KEY = "schema-fuzz-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    from service_load import spawn_server  # beside this script: the same start-up and readiness wait
+
     profiles = workdir / "profiles"
     profiles.mkdir()
     shutil.copy(DEFAULT_PROFILE, profiles / "default.json")
-    port = free_port()
-    env = {
-        **os.environ,
-        "DDM_HOST": "127.0.0.1",
-        "DDM_PORT": str(port),
-        "DDM_API_KEYS": KEY,
-        "DDM_PROFILES_DIR": str(profiles),
-        "DDM_LOG_LEVEL": "warning",
-    }
-    log = (workdir / "server.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve"], cwd=ROOT, env=env, stdout=log, stderr=log
-    )
-    url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 300
-    while time.monotonic() < end:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited during start-up:\n{(workdir / 'server.log').read_text()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit("server not ready after 300 s")
+    return spawn_server({"DDM_API_KEYS": KEY, "DDM_LOG_LEVEL": "warning"}, workdir)
 
 
 def run(url: str, api_key: str, max_examples: int, out: Path, seed: int | None) -> int:
