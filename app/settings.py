@@ -33,6 +33,12 @@ class Settings(BaseSettings):
         "per-step",
         description="path features: per-step log energies (2K - 1 values) or METHOD.md's six sums over steps",
     )
+    trajectory: Literal["ddim", "forward", "diffpath"] = Field(
+        "ddim",
+        description="the path the features are read along: ddim (DDIM inversion, K steps evenly over the "
+        "schedule), diffpath (DiffPath's own loop: respaced grid range(0, T, T/K), float64 coefficients, "
+        "last move to abar = 0) or forward (noising x0 directly); profiles are bound to it",
+    )
     profiles_dir: Path | None = Field(
         None, description="where calibration profiles live; default <model_dir>/profiles"
     )

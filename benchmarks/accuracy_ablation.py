@@ -7,6 +7,7 @@ density options (mixture size, covariance) are refitted on cached features.
 
     python benchmarks/accuracy_ablation.py --data ../shared/data --fit-limit 500 --limit 300 --json out.json
     python benchmarks/accuracy_ablation.py --walks 10:1.0:ddim 10:0.5:ddim 20:1.0:ddim --json out.json
+    python benchmarks/accuracy_ablation.py --walks 10:1.0:ddim 10:1.0:diffpath --json out.json  # trajectories
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from app.engine.evaluation import detection_metrics
 from app.engine.scorer import Scorer
 from app.engine.ssim import ssim_map
 from app.engine.statistics import PathAccumulator, amplified_error, stein_error
-from app.engine.trajectory import content_noise, trajectory_timesteps, walk
+from app.engine.trajectory import content_noise, trajectory_grid, walk
 from app.engine.types import MethodOptions
 
 OOD_SETS = ("cifar10", "mnist", "dtd", "imagenet")
@@ -56,7 +57,7 @@ def walk_features(
     for start in range(0, len(paths), batch):
         prepared = [scorer.decode(p.read_bytes()) for p in paths[start : start + batch]]
         x0 = torch.stack([p.tensor for p in prepared]).to(model.device)
-        ts = trajectory_timesteps(len(model.alphas_cumprod), steps, t_max)
+        ts = trajectory_grid(trajectory, len(model.alphas_cumprod), steps, t_max)
         noise = content_noise([p.digest for p in prepared], tuple(x0.shape[1:]), x0.device)
         accs = {name: PathAccumulator(steps) for name in WALK_VARIANTS}
         with torch.inference_mode():
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         "--walks",
         nargs="+",
         default=["10:1.0:ddim", "5:1.0:ddim", "20:1.0:ddim"],
-        help="trajectories as K:t_max_fraction:mode (mode ddim or forward); the first gets the density grid",
+        help="trajectories as K:t_max_fraction:mode (mode ddim, diffpath or forward); the first gets the "
+        "density grid",
     )
     ap.add_argument(
         "--fit-sizes",

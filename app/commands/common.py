@@ -28,6 +28,11 @@ def add_engine_args(parser: argparse.ArgumentParser, method: bool = True) -> Non
     g.add_argument(
         "--aggregation", choices=["per-step", "sum"], help="path features: per-step energies or the six sums"
     )
+    g.add_argument(
+        "--trajectory",
+        choices=["ddim", "diffpath", "forward"],
+        help="path the features are read along (default ddim; diffpath = DiffPath's own loop)",
+    )
     g.add_argument("--batch-size", type=int, default=64, help="images per model batch (default 64)")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
 
@@ -41,6 +46,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "method": getattr(args, "method", None),
         "steps": getattr(args, "steps", None),
         "aggregation": getattr(args, "aggregation", None),
+        "trajectory": getattr(args, "trajectory", None),
         "torch_threads": getattr(args, "threads", None),
     }
     return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -334,9 +334,16 @@ class Profile:
                 f"{path.name}: made for model {profile.model_id}, loaded model is {model_id}"
             )
         if options is not None and profile.options.feature_key() != options.feature_key():
+            # name what differs first (e.g. "trajectory: profile ddim, service diffpath"): a profile fitted
+            # along another trajectory, K or aggregation describes other features and is never used
+            mine, theirs = profile.options.feature_key(), options.feature_key()
+            differ = "; ".join(
+                f"{key}: profile {mine.get(key)!r}, service {theirs.get(key)!r}"
+                for key in sorted(set(mine) | set(theirs))
+                if mine.get(key) != theirs.get(key)
+            )
             raise ProfileMismatch(
-                f"{path.name}: made with method options {profile.options.feature_key()}, "
-                f"service runs {options.feature_key()}"
+                f"{path.name}: made with method options {mine}, service runs {theirs} ({differ})"
             )
         return profile
 

@@ -1,8 +1,9 @@
 """Heat maps as images: where along the trajectory the model found an image hard to explain.
 
-The model scores the largest centred square of the source image, so the map is placed over that square
-of a canvas the size of the source image; outside it the PNG is fully transparent. Overlaying the PNG on
-the original (same size) lines the two up.
+The model scores one region of the source image (by default its largest centred square; a model's input
+transform may crop elsewhere: ``PreparedImage.crop_box``), so the map is placed over that region of a canvas
+the size of the source image; outside it the PNG is fully transparent. Overlaying the PNG on the original
+(same size) lines the two up, whatever the model's resolution (32, 64, 256 px ...).
 """
 
 from __future__ import annotations
@@ -32,24 +33,32 @@ def heatmap_png(
     heatmap: np.ndarray,
     source_size: tuple[int, int],
     *,
+    box: tuple[int, int, int, int] | None = None,
     max_side: int = 1024,
     colormap: str = DEFAULT_COLORMAP,
     opacity: float = 0.8,
 ) -> bytes:
-    """Colour PNG (RGBA) of an (H, W) heat map, upsampled onto the source image's centred square.
+    """Colour PNG (RGBA) of an (H, W) heat map, upsampled onto the region of the source the model saw.
 
     ``source_size`` is (width, height) of the uploaded image; the canvas is that size, scaled down so its
-    longer side is at most ``max_side`` (the aspect ratio is kept).
+    longer side is at most ``max_side`` (the aspect ratio is kept). ``box`` is that region, (left, top,
+    right, bottom) in source pixels (``PreparedImage.crop_box``; it may reach outside the image, whose part
+    is cut off); None = the largest centred square.
     """
     width, height = source_size
     scale = min(1.0, max_side / max(width, height, 1))
     canvas_w, canvas_h = max(1, round(width * scale)), max(1, round(height * scale))
-    side = max(1, round(min(width, height) * scale))
+    if box is None:
+        side = max(1, round(min(width, height) * scale))
+        size, offset = (side, side), ((canvas_w - side) // 2, (canvas_h - side) // 2)
+    else:
+        left, top, right, bottom = (round(v * scale) for v in box)
+        size, offset = (max(1, right - left), max(1, bottom - top)), (left, top)
     rgba = (colormaps[colormap](normalise(heatmap)) * 255.0 + 0.5).astype(np.uint8)
     rgba[..., 3] = round(255 * opacity)
-    square = Image.fromarray(rgba).resize((side, side), Image.Resampling.BILINEAR)
+    region = Image.fromarray(rgba).resize(size, Image.Resampling.BILINEAR)
     canvas = Image.new("RGBA", (canvas_w, canvas_h), (0, 0, 0, 0))
-    canvas.paste(square, ((canvas_w - side) // 2, (canvas_h - side) // 2))
+    canvas.paste(region, offset)
     out = io.BytesIO()
     canvas.save(out, format="PNG", optimize=False)
     return out.getvalue()

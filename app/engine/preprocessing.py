@@ -2,8 +2,18 @@
 
 Choices (documented in docs/API.md): the first frame of animated/multi-page files is scored; EXIF
 orientation is applied; transparency is composited over black; 16-bit and float images are scaled to
-8 bits by their nominal range; the largest centred square is taken and resized with bicubic
-antialiasing (how the training data was made).
+8 bits by their nominal range.
+
+Geometry belongs to the model: its folder's sidecar (``ddm_anomaly.json``, ``InputTransform``) says how its
+training images were made, and a folder without one gets the default, the largest centred square resized
+with bicubic antialiasing (how this project's training data was made). The crops follow torchvision:
+``center_crop_resize`` is ``CenterCrop(crop)`` (zero padding when the image is smaller, offsets rounded as
+torchvision rounds them) and ``box_crop_resize`` is ``F.crop(top, left, crop, crop)``. The resize is Pillow's
+``Image.resize`` with the sidecar's filter, which is exactly what torchvision's ``Resize`` runs on a PIL image
+(Pillow's filters widen their support when shrinking: antialiased), so DiffPath's ``CenterCrop(140) ->
+Resize(32, bilinear)`` and DDIM's ``Crop(57, 25, 128) -> Resize(64)`` are reproduced pixel for pixel. The
+last step, uint8 -> [-1, 1], is ``x / 127.5 - 1`` (torchvision's ``ToTensor`` + ``Normalize(.5, .5)`` is
+``(x / 255 - 0.5) / 0.5``: equal up to one float32 rounding, never at -1, 0 or 1).
 """
 
 from __future__ import annotations
@@ -18,9 +28,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from app.engine.model.sidecar import InputTransform
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 DEFAULT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+DEFAULT_TRANSFORM = InputTransform()  # largest centred square, bicubic
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,9 @@ class PreparedImage:
     tensor: torch.Tensor
     source_size: tuple[int, int]  # (width, height) after EXIF orientation, before cropping
     digest: bytes = field(default=b"", repr=False)  # content hash: seeds per-image noise
+    # (left, top, right, bottom) of the region of the source the model saw, in source pixels; may reach
+    # outside the image (torchvision's zero padding). None = the largest centred square.
+    crop_box: tuple[int, int, int, int] | None = None
 
 
 def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image:
@@ -102,18 +118,52 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def center_square(image: Image.Image) -> Image.Image:
-    width, height = image.size
+    return image.crop(center_square_box(*image.size))
+
+
+def center_square_box(width: int, height: int) -> tuple[int, int, int, int]:
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    return image.crop((left, top, left + side, top + side))
+    return left, top, left + side, top + side
 
 
-def prepare(image: Image.Image, size: int, channels: int = 3) -> PreparedImage:
-    """Centre square crop, bicubic resize to ``size``, scale to [-1, 1]."""
+def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
+    """torchvision ``CenterCrop(crop)``'s box in source pixels: a side longer than the crop is cut at
+    ``round((side - crop) / 2)`` (Python's rounding, as torchvision); a shorter one is zero-padded by
+    ``(crop - side) // 2`` before (the larger half after), i.e. the box starts at minus that."""
+
+    def start(side: int) -> int:
+        return -((crop - side) // 2) if crop > side else round((side - crop) / 2.0)
+
+    left, top = start(width), start(height)
+    return left, top, left + crop, top + crop
+
+
+def crop_box(transform: InputTransform, width: int, height: int) -> tuple[int, int, int, int]:
+    """The source region an input transform keeps, (left, top, right, bottom)."""
+    if transform.kind == "center_square_resize":
+        return center_square_box(width, height)
+    assert transform.crop is not None
+    if transform.kind == "center_crop_resize":
+        return center_crop_box(width, height, transform.crop)
+    if transform.kind == "box_crop_resize":
+        assert transform.left is not None and transform.top is not None
+        return transform.left, transform.top, transform.left + transform.crop, transform.top + transform.crop
+    raise ValueError(f"unknown input transform {transform.kind!r}")
+
+
+def prepare(
+    image: Image.Image, size: int, channels: int = 3, transform: InputTransform | None = None
+) -> PreparedImage:
+    """Crop as the model's input transform says (default: the largest centred square), resize to ``size``
+    with its filter (default bicubic), scale to [-1, 1]."""
+    transform = transform or DEFAULT_TRANSFORM
     source_size = image.size
-    square = center_square(image)
+    box = crop_box(transform, *source_size)
+    # Pillow fills the part of a box outside the image with zeros: torchvision's pad(fill=0) then crop
+    square = image.crop(box)
     if square.size != (size, size):
-        square = square.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
+        square = square.resize((size, size), RESAMPLING[transform.interpolation], reducing_gap=None)
     if channels == 1:
         square = square.convert("L")
     arr = np.asarray(square, dtype=np.uint8)
@@ -121,11 +171,15 @@ def prepare(image: Image.Image, size: int, channels: int = 3) -> PreparedImage:
         arr = arr[:, :, None]
     digest = hashlib.sha256(arr.tobytes()).digest()
     tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-    return PreparedImage(tensor=tensor.contiguous(), source_size=source_size, digest=digest)
+    return PreparedImage(tensor=tensor.contiguous(), source_size=source_size, digest=digest, crop_box=box)
 
 
 def load_image_file(
-    path: str, size: int, channels: int = 3, limits: DecodeLimits | None = None
+    path: str,
+    size: int,
+    channels: int = 3,
+    limits: DecodeLimits | None = None,
+    transform: InputTransform | None = None,
 ) -> PreparedImage:
     with open(path, "rb") as fh:
-        return prepare(decode_image(fh.read(), limits), size, channels)
+        return prepare(decode_image(fh.read(), limits), size, channels, transform)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.engine.model.sidecar import InputTransform
 from app.engine.model_loading import LoadedModel, load_model
 from app.engine.preprocessing import DecodeLimits, PreparedImage, decode_image, prepare
 from app.engine.runtimes import torch_threads_beside
@@ -51,6 +52,7 @@ class Scorer:
         self.runtime_name = runtime
         self.limits = limits or DecodeLimits()
         self._model: LoadedModel | None = None
+        self._transform = InputTransform()
         self._ready = threading.Event()
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -65,6 +67,8 @@ class Scorer:
             runtime=self.runtime_name,
             threads=self.torch_threads,
         )
+        # how uploads become this model's input (crop, filter) is the model's own: its folder's sidecar
+        self._transform = self._model.sidecar.input_transform
         # torch keeps only the light trajectory maths when the UNet runs in another runtime's pool
         torch.set_num_threads(torch_threads_beside(self._model.runtime, torch.get_num_threads()))
         if warmup_batch > 0:
@@ -93,7 +97,13 @@ class Scorer:
         return self.prepare(decode_image(data, self.limits))
 
     def prepare(self, image: Image.Image) -> PreparedImage:
-        return prepare(image, self.info.sample_size, self.info.in_channels)
+        """The model's input: its input transform (sidecar; default largest centred square, bicubic) to its
+        ``sample_size``; ``crop_box`` records where in the upload that region lies (heat maps)."""
+        return prepare(image, self.info.sample_size, self.info.in_channels, self._transform)
+
+    @property
+    def input_transform(self) -> InputTransform:
+        return self._transform
 
     def memory(self) -> dict[str, float]:
         """Device memory in bytes: CUDA allocated/reserved, or this process's peak RSS on CPU."""

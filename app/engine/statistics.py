@@ -17,7 +17,7 @@ from app.engine.trajectory import (
     content_noise,
     ddim_step,
     predict_noise,
-    trajectory_timesteps,
+    trajectory_grid,
     walk,
 )
 from app.engine.types import MethodOptions
@@ -129,7 +129,9 @@ def path_statistics(
     """diffpath-v2 / -6d / -1d statistics for a batch x0 (B, C, H, W) in [-1, 1], several methods from
     one walk (they share the trajectory; only what is summed differs)."""
     methods = methods or (options.method,)
-    timesteps = trajectory_timesteps(len(model.alphas_cumprod), options.steps, options.t_max_fraction)
+    timesteps = trajectory_grid(
+        options.trajectory, len(model.alphas_cumprod), options.steps, options.t_max_fraction
+    )
     noise = None
     if options.trajectory == "forward":
         noise = content_noise(digests or [b""] * x0.shape[0], tuple(x0.shape[1:]), x0.device)

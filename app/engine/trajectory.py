@@ -1,17 +1,38 @@
 """The model's denoising trajectory: pure functions of explicit timesteps and alphas (no scheduler state).
 
 Shapes: images and noise are (B, C, H, W); ``abar`` values are Python floats or 0-d tensors.
+
+Three trajectories (``MethodOptions.trajectory``):
+
+* ``ddim`` (default): K timesteps evenly over [0, T - 1], DDIM inversion with float32 coefficients; the last
+  step has no successor.
+* ``forward``: every step noises x0 directly with one fixed per-image noise.
+* ``diffpath``: DiffPath's own ``ddim_reverse_sample_loop`` (improved-diffusion ``timestep_respacing =
+  "ddimK"``): timesteps ``range(0, T, stride)`` with the stride that gives exactly K, the schedule respaced
+  over them in float64 as ``SpacedDiffusion`` does, the coefficients sqrt(1/abar) and sqrt(1/abar - 1)
+  computed in float64 and cast to float32, x0 estimate clipped to [-1, 1], epsilon re-derived from it, the
+  last move to abar = 0. On DiffPath's fixture this reproduces the collected epsilons bit for bit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import math
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from app.engine.model_loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+TRAJECTORIES = ("ddim", "forward", "diffpath")
 
 
 def trajectory_timesteps(num_train_timesteps: int, steps: int, t_max_fraction: float = 1.0) -> list[int]:
@@ -20,6 +41,36 @@ def trajectory_timesteps(num_train_timesteps: int, steps: int, t_max_fraction: f
         raise ValueError("a trajectory needs at least 2 steps")
     top = t_max_fraction * (num_train_timesteps - 1)
     return [round(top * k / (steps - 1)) for k in range(steps)]
+
+
+def diffpath_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """improved-diffusion's ``"ddimK"`` respacing: ``range(0, T, stride)`` with the smallest stride giving
+    exactly K timesteps (T = 4000, K = 10: 0, 400, ..., 3600; T = 1000, K = 10: 0, 100, ..., 900)."""
+    if steps < 2:
+        raise ValueError("a trajectory needs at least 2 steps")
+    if steps > num_train_timesteps:
+        raise ValueError(f"cannot take {steps} steps from a {num_train_timesteps}-step schedule")
+    stride = math.ceil(num_train_timesteps / steps)
+    grid = list(range(0, num_train_timesteps, stride))
+    if len(grid) != steps:  # the count only falls as the stride grows: no stride gives exactly K
+        raise ValueError(
+            f"cannot create exactly {steps} steps from {num_train_timesteps} with an integer stride"
+        )
+    return grid
+
+
+def trajectory_grid(
+    mode: str, num_train_timesteps: int, steps: int, t_max_fraction: float = 1.0
+) -> list[int]:
+    """The timesteps a trajectory mode visits: DiffPath's respaced grid for ``diffpath``, else
+    :func:`trajectory_timesteps`."""
+    if mode == "diffpath":
+        if t_max_fraction != 1.0:
+            raise ValueError("the diffpath trajectory has its own grid; t_max_fraction must be 1")
+        return diffpath_timesteps(num_train_timesteps, steps)
+    if mode not in TRAJECTORIES:
+        raise ValueError(f"unknown trajectory mode {mode!r}")
+    return trajectory_timesteps(num_train_timesteps, steps, t_max_fraction)
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
@@ -62,6 +113,128 @@ def predict_noise(model: LoadedModel, x_t: torch.Tensor, t: int) -> torch.Tensor
     return model.runtime(x_t, timesteps)
 
 
+# --- DiffPath's trajectory: float64 schedule, float32 coefficients ---------------------------------------
+def float64_alphas_cumprod(scheduler_config: dict) -> np.ndarray | None:
+    """abar_t of a diffusers scheduler config recomputed in float64 from its beta recipe, as
+    improved-diffusion computes it in numpy (diffusers itself rounds the betas to float32, which moves
+    sqrt(1/abar - 1) at t = 0 by 0.3%). None for a recipe this does not know."""
+    steps = int(scheduler_config.get("num_train_timesteps", 1000))
+    trained = scheduler_config.get("trained_betas")
+    schedule = scheduler_config.get("beta_schedule", "linear")
+    start = float(scheduler_config.get("beta_start", 0.0001))
+    end = float(scheduler_config.get("beta_end", 0.02))
+    if trained is not None:
+        betas = np.asarray(trained, dtype=np.float64)
+    elif schedule == "linear":
+        betas = np.linspace(start, end, steps, dtype=np.float64)
+    elif schedule == "scaled_linear":
+        betas = np.linspace(start**0.5, end**0.5, steps, dtype=np.float64) ** 2
+    elif schedule == "squaredcos_cap_v2":  # improved-diffusion's cosine, betas capped at 0.999
+
+        def alpha_bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = np.array(
+            [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)],
+            dtype=np.float64,
+        )
+    else:
+        return None
+    return np.cumprod(1.0 - betas, axis=0)
+
+
+def _scheduler_config(model_dir: str) -> dict | None:
+    folder = Path(model_dir)
+    for candidate in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json"):
+        if candidate.is_file():
+            data = json.loads(candidate.read_text())
+            return data if isinstance(data, dict) else None
+    return None
+
+
+def model_alphas_cumprod_float64(model: LoadedModel) -> np.ndarray:
+    """The model's abar in float64: recomputed from its scheduler config when the recipe is known and agrees
+    with the loaded schedule, else the loaded float32 schedule widened (with a warning)."""
+    loaded = model.alphas_cumprod.detach().double().cpu().numpy()
+    config = _scheduler_config(model.info.path)
+    exact = float64_alphas_cumprod(config) if config is not None else None
+    if exact is not None and exact.shape == loaded.shape and np.abs(exact - loaded).max() <= 1e-5:
+        return exact
+    log.warning(
+        "%s: no float64 recipe for the noise schedule; the diffpath trajectory uses the float32 schedule",
+        model.info.model_id,
+    )
+    return loaded
+
+
+@dataclass(frozen=True)
+class DiffPathSchedule:
+    """Per-step float32 0-d tensors on the model's device, computed in float64 as improved-diffusion's
+    ``SpacedDiffusion`` computes them and cast once (``_extract_into_tensor(...).float()``)."""
+
+    timesteps: tuple[int, ...]
+    abar: tuple[torch.Tensor, ...]
+    sqrt_recip: tuple[torch.Tensor, ...]  # sqrt(1 / abar)
+    sqrt_recipm1: tuple[torch.Tensor, ...]  # sqrt(1 / abar - 1)
+    sqrt_abar_next: tuple[torch.Tensor, ...]  # sqrt(abar_next) in float32; abar_next = 0 after the last step
+    sqrt_one_minus_abar_next: tuple[torch.Tensor, ...]
+
+
+def diffpath_schedule(
+    abar64: np.ndarray, timesteps: Sequence[int], device: torch.device | str = "cpu"
+) -> DiffPathSchedule:
+    """Respace a float64 schedule over ``timesteps`` (betas 1 - abar_t / abar_prev, cumprod again, as
+    respace.py does) and derive DiffPath's coefficients."""
+    last = 1.0
+    betas = []
+    for t in timesteps:
+        betas.append(1 - abar64[t] / last)
+        last = abar64[t]
+    abar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64), axis=0)
+    abar_next = np.append(abar[1:], 0.0)
+
+    def f32(values: np.ndarray) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.tensor(float(v), dtype=torch.float64).float().to(device) for v in values)
+
+    nxt = torch.from_numpy(abar_next).float()  # float32 abar_next; sqrt taken in float32 like the original
+    return DiffPathSchedule(
+        timesteps=tuple(int(t) for t in timesteps),
+        abar=f32(abar),
+        sqrt_recip=f32(np.sqrt(1.0 / abar)),
+        sqrt_recipm1=f32(np.sqrt(1.0 / abar - 1)),
+        sqrt_abar_next=tuple(v.to(device) for v in torch.sqrt(nxt)),
+        sqrt_one_minus_abar_next=tuple(v.to(device) for v in torch.sqrt(1 - nxt)),
+    )
+
+
+_SCHEDULES: dict[tuple[str, str, str, tuple[int, ...]], DiffPathSchedule] = {}
+_SCHEDULES_LOCK = threading.Lock()
+
+
+def model_diffpath_schedule(model: LoadedModel, timesteps: Sequence[int]) -> DiffPathSchedule:
+    """:func:`diffpath_schedule` of a loaded model, computed once per model, device and grid."""
+    key = (model.info.path, model.info.weights_sha256, str(model.device), tuple(int(t) for t in timesteps))
+    with _SCHEDULES_LOCK:
+        cached = _SCHEDULES.get(key)
+    if cached is None:
+        cached = diffpath_schedule(model_alphas_cumprod_float64(model), timesteps, model.device)
+        with _SCHEDULES_LOCK:
+            _SCHEDULES[key] = cached
+    return cached
+
+
+def diffpath_step(
+    x_t: torch.Tensor, eps: torch.Tensor, schedule: DiffPathSchedule, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DiffPath's ``ddim_reverse_sample`` (clip_denoised=True, eta = 0), the same float32 operations in
+    the same order. Returns (xhat0, eps_k, x_next)."""
+    scaled = schedule.sqrt_recip[k] * x_t
+    xhat0 = (scaled - schedule.sqrt_recipm1[k] * eps).clamp(-1.0, 1.0)
+    eps_k = (scaled - xhat0) / schedule.sqrt_recipm1[k]
+    x_next = xhat0 * schedule.sqrt_abar_next[k] + schedule.sqrt_one_minus_abar_next[k] * eps_k
+    return xhat0, eps_k, x_next
+
+
 @dataclass
 class TrajectoryStep:
     index: int
@@ -82,10 +255,13 @@ def walk(
     noise: torch.Tensor | None = None,
 ) -> Iterator[TrajectoryStep]:
     """Yield the K steps of the trajectory; one UNet call each, no host/device sync."""
+    if mode not in TRAJECTORIES:
+        raise ValueError(f"unknown trajectory mode {mode!r}")
     abar_all = model.alphas_cumprod
+    schedule = model_diffpath_schedule(model, timesteps) if mode == "diffpath" else None
     x_t = x0
     for k, t in enumerate(timesteps):
-        abar = abar_all[t]
+        abar = abar_all[t] if schedule is None else schedule.abar[k]
         if mode == "forward":
             if noise is None:
                 raise ValueError("forward trajectories need per-image noise")
@@ -99,6 +275,7 @@ def walk(
             eps_k = eps_theta  # the added noise is fixed per image and carries no information
             x_next = x_t
         else:
-            raise ValueError(f"unknown trajectory mode {mode!r}")
+            assert schedule is not None
+            xhat0, eps_k, x_next = diffpath_step(x_t, eps_theta, schedule, k)
         yield TrajectoryStep(k, t, x_t, eps_theta, xhat0, eps_k, implied_noise(x_t, x0, abar), abar)
         x_t = x_next

@@ -18,7 +18,9 @@ class MethodOptions:
 
     method: MethodName = "diffpath-v2"
     steps: int = 10  # K: UNet evaluations per image
-    trajectory: Literal["ddim", "forward"] = "ddim"
+    # "ddim": DDIM inversion on an even grid over [0, T - 1]; "forward": noising x0 directly; "diffpath":
+    # DiffPath's own loop (respaced grid, float64 coefficients, last move to abar = 0; trajectory.py)
+    trajectory: Literal["ddim", "forward", "diffpath"] = "ddim"
     ssim_weighting: Literal["amplify", "dissimilarity", "none"] = "amplify"
     ssim_target: Literal["image", "noise"] = "image"  # SSIM(x0, xhat0_k) or SSIM(eps_theta, eps*)
     ssim_lambda: float = 1.0

@@ -85,6 +85,7 @@ def options_from_settings(settings: Settings, method: str | None = None) -> Meth
         method=method or settings.method,  # type: ignore[arg-type]
         steps=settings.steps,
         aggregation=settings.aggregation,
+        trajectory=settings.trajectory,
     )
 
 
@@ -242,11 +243,13 @@ class ScoringService:
             side = self.settings.heatmap_max_side
             pngs = list(
                 await asyncio.gather(
-                    *(self._in_pool(partial(heatmap_png, max_side=side), s.heatmap, p.source_size)
+                    *(self._in_pool(partial(heatmap_png, box=p.crop_box, max_side=side), s.heatmap,
+                                    p.source_size)
                       for s, p in zip(done.outputs, prepared, strict=True))
                 )
             )  # fmt: skip
         self._count_verdicts(calibration.name, verdicts)
+        self.metrics.profile_default_fpr.labels(profile=calibration.name).set(calibration.default_fpr)
         results = [
             ImageResult(image_id, verdict, stats, png)
             for (image_id, _), verdict, stats, png in zip(images, verdicts, done.outputs, pngs, strict=True)

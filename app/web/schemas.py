@@ -113,7 +113,9 @@ class ImageScore(BaseModel):
     percentile: float = Field(description="share (%) of the calibration set scoring at or below")
     p_value: float = Field(description="conformal p-value against the calibration set")
     thresholds: dict[str, float] = Field(description="false-positive rate -> threshold")
-    heatmap_png: str | None = Field(None, description="base64 RGBA PNG over the scored centre square")
+    heatmap_png: str | None = Field(
+        None, description="base64 RGBA PNG the size of the upload, over the region the model scored"
+    )
     features: FeatureDetail | None = None
 
 
