@@ -6,6 +6,7 @@ that should notice it. On demand only (minutes per mutation on 2 cores), never i
     python benchmarks/mutation_check.py --only ssim-lambda-ignored batch-delay-ignored
     python benchmarks/mutation_check.py --worktree        # the working tree as it is (uncommitted edits too)
     python benchmarks/mutation_check.py --json runs/mutation.json
+    python benchmarks/mutation_check.py --only input-range-0-1 --tests tests/test_goldens.py  # goldens alone
 
 Each mutation is a textual patch (``old`` -> ``new``) that must match its file exactly once; a patch that no
 longer applies is reported as ``stale`` (the code moved: update the mutation). For each mutation the copy is
@@ -20,6 +21,7 @@ and runs with this interpreter (the project's .venv). docs/TESTING.md keeps the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -312,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the mutations and exit")
     p.add_argument("--worktree", action="store_true", help="mutate the working tree, not HEAD")
     p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the tests")
+    p.add_argument(
+        "--tests", nargs="+", metavar="TARGET", help="run these tests instead of each mutation's own"
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run (a timeout kills)")
     p.add_argument("--keep", action="store_true", help="keep the temporary copy")
     p.add_argument("--json", type=Path, help="write the outcomes here")
@@ -319,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [
         m for m in MUTATIONS if (not args.only or m.name in args.only) and (m.listed or not args.listed)
     ]
+    if args.tests:  # e.g. do the goldens alone catch the engine mutations?
+        chosen = [dataclasses.replace(m, tests=tuple(args.tests)) for m in chosen]
     unknown = set(args.only or ()) - {m.name for m in MUTATIONS}
     if unknown:
         p.error(f"unknown mutations: {', '.join(sorted(unknown))}")
