@@ -258,8 +258,8 @@ def attention_heads(flags: dict[str, Any]) -> dict[str, int]:
 
 def unet_config(flags: dict[str, Any]) -> dict[str, Any]:
     """The diffusers ``UNet2DModel`` config equal to the improved-diffusion ``UNetModel`` of ``flags``."""
-    arch = architecture(resolve_flags(flags))
     flags = resolve_flags(flags)
+    arch = architecture(flags)
     n = len(arch["channel_mult"])
     attn = set(arch["attn_levels"])
     return {
