@@ -99,6 +99,13 @@ class Metrics:
             registry=r,
         )
         self.verdicts = Counter("anomaly_verdicts", "Verdicts by profile", ["profile", "verdict"], registry=r)
+        self.profile_default_fpr = Gauge(
+            "anomaly_profile_default_fpr",
+            "The calibrated false-positive rate of a profile's deciding threshold (the expected anomaly "
+            "rate on normal inputs; set when the profile judges a request)",
+            ["profile"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "anomaly_model_info",
             "Loaded model (value 1)",

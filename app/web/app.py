@@ -15,7 +15,7 @@ from app.settings import Settings
 from app.web.errors import install_error_handlers
 from app.web.middleware import RequestContext
 from app.web.openapi import publish_limits
-from app.web.routes import health, models, scoring
+from app.web.routes import health, models, scoring, v2
 
 DESCRIPTION = """Zero-shot image anomaly scoring along a pretrained diffusion model's denoising trajectory.
 
@@ -48,7 +48,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         return settings.max_profile_upload_bytes if path == "/v1/profiles" else settings.max_upload_bytes
 
     app.add_middleware(RequestContext, metrics=metrics, body_limit=body_limit)
-    for module in (scoring, models, health):
+    app.add_middleware(v2.OipErrors)  # outermost: /v2 error bodies in the protocol's shape
+    for module in (scoring, models, health, v2):
         app.include_router(module.router)
     publish_limits(
         app,
