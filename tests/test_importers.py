@@ -26,17 +26,7 @@ from app.engine.model.importers.common import CheckpointImportError, build_unet,
 from app.engine.model.sidecar import read_sidecar
 from app.engine.model_loading import load_model
 from app.engine.runtimes import TorchRuntime
-from tests.helpers import REPO
-
-try:
-    from tests.helpers import missing
-except ImportError:  # older helpers: skip locally, fail in CI
-
-    def missing(what: str):  # type: ignore[misc]
-        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
-            pytest.fail(f"{what} (CI=true: missing data fails the run)", pytrace=False)
-        pytest.skip(what)
-
+from tests.helpers import REPO, missing
 
 CHECKPOINTS = Path(os.environ.get("DDM_TEST_CHECKPOINTS", REPO.parent / "shared" / "checkpoints"))
 ID = CHECKPOINTS / "improved-diffusion"
