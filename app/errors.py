@@ -73,6 +73,12 @@ class ProfileMismatch(DDMError, ValueError):
     code = "profile_mismatch"
 
 
+class ProfileConflict(DDMError, ValueError):
+    """The profile name is taken (also by another case), being created right now, or protected."""
+
+    code = "profile_conflict"
+
+
 class Unauthorized(DDMError, PermissionError):
     """Missing or wrong API key (401), or an action that is disabled for this deployment (403)."""
 

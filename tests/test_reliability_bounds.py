@@ -171,3 +171,70 @@ def test_drain_answers_every_admitted_request_in_json(live_server: Callable[...,
         assert r.headers["content-type"].startswith("application/json"), r.text[:200]
         if r.status_code != 200:
             assert r.json()["error"]["code"] in ("timeout", "not_ready"), r.text
+
+
+def _profile_files(n: int = 12) -> list[tuple[str, tuple[str, bytes, str]]]:
+    rng = __import__("numpy").random.default_rng(7)
+    arrays = [rng.integers(0, 256, (32, 32, 3), dtype="uint8") for _ in range(n)]
+    return [("files", (f"{i}.png", png_bytes(a), "image/png")) for i, a in enumerate(arrays)]
+
+
+def test_open_profile_creation_is_serialised_and_never_overwrites(server: LiveServer) -> None:
+    """Without API keys (DDM_ALLOW_OPEN_PROFILE_CREATION): two concurrent creates of one name give one 201
+    and one 409, a name that differs only by case is refused, overwriting (the shipped default included)
+    needs a key, and deleting needs a key."""
+    files = _profile_files()
+
+    async def create(client: httpx.AsyncClient, name: str) -> httpx.Response:
+        return await client.post(f"{server.url}/v1/profiles", data={"name": name}, files=files)
+
+    async def race() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(create(client, "raced"), create(client, "raced"))
+
+    codes = sorted(r.status_code for r in asyncio.run(race()))
+    assert codes == [201, 409], codes
+    r = httpx.post(f"{server.url}/v1/profiles", data={"name": "RACED"}, files=files, timeout=120)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "profile_conflict"
+    assert "only by case" in r.json()["error"]["message"]
+    for name in ("raced", "default"):
+        r = httpx.post(
+            f"{server.url}/v1/profiles", data={"name": name, "overwrite": "true"}, files=files, timeout=120
+        )
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", name
+    assert httpx.delete(f"{server.url}/v1/profiles/raced", timeout=30).status_code == 403
+    default = httpx.post(
+        f"{server.url}/v1/score", content=png_bytes(size=(32, 32)), headers={"content-type": "image/png"}
+    )
+    assert (
+        default.status_code == 200 and default.json()["profile"]["n_reference"] > 100
+    )  # still the shipped one
+
+
+def test_profiles_delete_with_a_key_and_stale_writes_are_cleaned(
+    live_server: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "default.json").write_bytes((SHIPPED_MODEL / "profiles" / "default.json").read_bytes())
+    stale = profiles / ".widgets.json.k3j2h1.tmp"  # what a kill -9 during a write leaves behind
+    stale.write_text("{")
+    server = live_server({"DDM_PROFILES_DIR": str(profiles), "DDM_API_KEYS": "k1,k2"})
+    assert not stale.exists()
+    auth = {"Authorization": "Bearer k1"}
+    r = httpx.post(
+        f"{server.url}/v1/profiles", data={"name": "widgets"}, files=_profile_files(), headers=auth
+    )
+    assert r.status_code == 201, r.text
+    assert httpx.delete(f"{server.url}/v1/profiles/widgets", timeout=30).status_code == 401
+    assert httpx.delete(f"{server.url}/v1/profiles/widgets", headers=auth, timeout=30).status_code == 204
+    assert not (profiles / "widgets.json").exists()
+    r = httpx.delete(f"{server.url}/v1/profiles/widgets", headers=auth, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "profile_not_found"
+    r = httpx.delete(f"{server.url}/v1/profiles/default", headers=auth, timeout=30)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "profile_conflict"
+    assert httpx.delete(f"{server.url}/v1/profiles/..%2Fx", headers=auth, timeout=30).status_code in (
+        404,
+        422,
+    )
+    assert sorted(p.name for p in profiles.iterdir()) == ["default.json"]  # no temp file left either

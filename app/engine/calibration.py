@@ -30,6 +30,7 @@ FORMAT_VERSION = 1
 DEFAULT_FPRS = (0.01, 0.05, 0.1)
 MAX_FPRS = 32  # every answer carries one threshold per rate: a bounded list keeps answers small
 MAX_PROFILE_BYTES = 8 * 1024 * 1024
+TEMP_SUFFIX = ".tmp"  # ``.<name>.json.<random>.tmp`` while a profile is written
 MIN_REFERENCE_IMAGES = 10
 RANDOM_STATE = 0
 
@@ -278,11 +279,22 @@ class Profile:
         """Atomic write: a reader never sees a half-written profile."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.to_dict(), fh)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; profiles are shared read-only data
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.to_dict(), fh)
+                fh.flush()
+                os.fsync(fh.fileno())  # the data is on disk before the name points at it
+            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; profiles are shared read-only data
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # and the rename itself survives a power cut
+        finally:
+            os.close(directory)
         return path
 
     @classmethod

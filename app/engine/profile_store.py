@@ -7,9 +7,9 @@ import re
 import threading
 from pathlib import Path
 
-from app.engine.calibration import Profile
+from app.engine.calibration import TEMP_SUFFIX, Profile
 from app.engine.types import MethodOptions
-from app.errors import InvalidInput, PayloadTooLarge, ProfileMismatch, ProfileNotFound
+from app.errors import InvalidInput, PayloadTooLarge, ProfileConflict, ProfileMismatch, ProfileNotFound
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +72,47 @@ class ProfileStore:
                 out[name] = exc
         return out
 
+    def check_new(self, name: str, overwrite: bool) -> None:
+        """Refuse, before any work, a name that is taken (``overwrite`` unset) or that differs from an
+        existing one only by case (two such files are one file on a case-insensitive filesystem)."""
+        validate_profile_name(name)
+        for existing in self.names():
+            if existing.casefold() == name.casefold() and existing != name:
+                raise ProfileConflict(
+                    f"profile name {name!r} differs from existing {existing!r} only by case"
+                )
+        if self.path(name).exists() and not overwrite:
+            raise ProfileConflict(f"profile {name!r} exists already (set overwrite to replace it)")
+
     def save(self, profile: Profile, overwrite: bool = False) -> Path:
         path = self.path(profile.name)
         if profile.model_id != self.model_id or profile.options.feature_key() != self.options.feature_key():
             raise ProfileMismatch("profile was fitted for another model or other method options")
-        if path.exists() and not overwrite:
-            raise InvalidInput(f"profile {profile.name!r} exists already")
+        self.check_new(profile.name, overwrite)
         if not path.exists() and len(self.names()) >= MAX_PROFILES:
             raise PayloadTooLarge(f"at most {MAX_PROFILES} profiles per model")
         profile.save(path)
         with self._lock:
             self._cache.pop(profile.name, None)
         return path
+
+    def delete(self, name: str) -> None:
+        path = self.path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise ProfileNotFound(f"no calibration profile {name!r} for model {self.model_id}") from None
+        with self._lock:
+            self._cache.pop(name, None)
+
+    def remove_stale_temp_files(self) -> int:
+        """Temp files of writes that never finished (a process killed mid-write); at start-up only, when no
+        write of this process can be under way."""
+        if not self.directory.is_dir():
+            return 0
+        stale = list(self.directory.glob(f".*.json.*{TEMP_SUFFIX}"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            log.warning("removed %d unfinished profile write(s) from %s", len(stale), self.directory)
+        return len(stale)

@@ -32,6 +32,7 @@ from app.errors import (
     ModelNotReady,
     Overloaded,
     PayloadTooLarge,
+    ProfileConflict,
     ProfileMismatch,
 )
 from app.service.batcher import DynamicBatcher
@@ -125,6 +126,7 @@ class ScoringService:
         self.state: State = "loading"
         self.failure: str | None = None
         self._profiles: ProfileStore | None = None
+        self._creating: set[str] = set()  # casefolded names of profiles being fitted (event loop only)
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self._loader: threading.Thread | None = None
 
@@ -142,6 +144,7 @@ class ScoringService:
             info = self.engine.info
             directory = self.settings.profiles_dir or self.settings.model_dir / "profiles"
             self._profiles = ProfileStore(directory, info.model_id, self.engine.options)
+            self._profiles.remove_stale_temp_files()
             loaded = self._profiles.load_all()
             if not isinstance(loaded.get(self.settings.default_profile), Profile):
                 log.warning("default calibration profile %r is not available; requests must name one",
@@ -303,8 +306,26 @@ class ScoringService:
             raise PayloadTooLarge(
                 f"{len(images)} images; a profile takes at most {self.settings.max_profile_images}"
             )
-        if store.path(name).exists() and not overwrite:
-            raise InvalidInput(f"profile {name!r} exists already (set overwrite to replace it)")
+        store.check_new(name, overwrite)
+        key = name.casefold()
+        if key in self._creating:  # one creation per name at a time: the second gets 409 at once
+            raise ProfileConflict(f"profile {name!r} is being created by another request")
+        self._creating.add(key)
+        try:
+            return await self._fit_and_save(store, name, images, fprs, default_fpr, overwrite, source)
+        finally:
+            self._creating.discard(key)
+
+    async def _fit_and_save(
+        self,
+        store: ProfileStore,
+        name: str,
+        images: Sequence[tuple[str, bytes]],
+        fprs: Sequence[float],
+        default_fpr: float,
+        overwrite: bool,
+        source: str,
+    ) -> Profile:
         chunk = max(1, min(self.settings.max_batch_size, self.settings.max_queue_images // 2))
         features: list[np.ndarray] = []
         for start in range(0, len(images), chunk):  # a chunk at a time: shares the queue with scoring
@@ -330,6 +351,17 @@ class ScoringService:
         await asyncio.to_thread(store.save, profile, overwrite)
         log.info("calibration profile %r created from %d images", name, len(images))
         return profile
+
+    async def delete_profile(self, name: str) -> None:
+        """Remove a profile; the one requests use by default cannot be removed (409)."""
+        store = self._check_ready()
+        validate_profile_name(name)
+        if name == self.settings.default_profile:
+            raise ProfileConflict(f"profile {name!r} is the service default (DDM_DEFAULT_PROFILE)")
+        if name.casefold() in self._creating:
+            raise ProfileConflict(f"profile {name!r} is being created by another request")
+        await asyncio.to_thread(store.delete, name)
+        log.info("calibration profile %r deleted", name)
 
     def model_ids(self) -> list[str]:
         return [self.engine.info.model_id] if self.engine.ready else []

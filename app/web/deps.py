@@ -76,6 +76,14 @@ async def require_admin(request: Request, settings: SettingsDep) -> None:
         )
 
 
+async def require_key(request: Request, settings: SettingsDep) -> None:
+    """Destructive admin actions (deleting a profile): a valid key, never open."""
+    if not settings.api_keys:
+        raise Unauthorized("this action needs an API key: configure DDM_API_KEYS", forbidden=True)
+    _check_key(request, settings)
+
+
 ClientAccess = Depends(require_client)
 AdminAccess = Depends(require_admin)
+KeyAccess = Depends(require_key)
 Admission = Depends(admit)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from app.engine.calibration import DEFAULT_FPRS, MAX_FPRS
-from app.errors import InvalidInput
-from app.web.deps import AdminAccess, Admission, ClientAccess, ServiceDep, SettingsDep
+from app.errors import InvalidInput, Unauthorized
+from app.web.deps import AdminAccess, Admission, ClientAccess, KeyAccess, ServiceDep, SettingsDep
 from app.web.errors import error_responses
 from app.web.openapi import request_body
 from app.web.schemas import (
@@ -104,8 +104,27 @@ async def create_profile(request: Request, service: ServiceDep, settings: Settin
         name = body.name
     else:
         name, options = _form_options(upload.fields)
+    if options["overwrite"] and not settings.api_keys:
+        raise Unauthorized("overwriting a profile needs an API key (configure DDM_API_KEYS)", forbidden=True)
     profile = await until_disconnected(request, service.create_profile(name, upload.images, **options))
     return ProfileSummary.model_validate(profile.summary())
+
+
+@router.delete(
+    "/v1/profiles/{name}",
+    status_code=204,
+    dependencies=[KeyAccess],
+    responses=error_responses(401, 403, 404, 409, 422, 503),
+    summary="Delete a calibration profile (admin)",
+)
+async def delete_profile(
+    name: Annotated[str, Path(min_length=1, max_length=PROFILE_NAME_MAX, pattern=PROFILE_NAME_PATTERN)],
+    service: ServiceDep,
+) -> Response:
+    """Remove a profile from the model's profiles folder; always needs an API key. The service's default
+    profile cannot be deleted (409)."""
+    await service.delete_profile(name)
+    return Response(status_code=204)
 
 
 def _form_options(fields: dict[str, str]) -> tuple[str, dict[str, Any]]:
