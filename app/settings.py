@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     # --- input limits ------------------------------------------------------------------------------
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_request_pixels: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="decoded pixels of all images of one request together (413 above it): decoding is "
+        "CPU-bound, so the per-image cap alone lets one request hold the decoders for a minute",
+    )
     max_images_per_request: int = Field(64, ge=1)
     max_profile_upload_bytes: int = Field(
         256 * 1024 * 1024, ge=1024, description="body cap of POST /v1/profiles (many reference images)"

@@ -5,7 +5,9 @@ log lines that cannot be forged, HEAD on the health routes. docs/RELIABILITY.md 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import io
 import re
 import signal
 import socket
@@ -15,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from app.web.http_limits import MAX_HEADER_BYTES, MAX_HEADER_FIELDS
 from tests.conftest import LiveServer
@@ -93,7 +97,7 @@ def test_request_heads_are_capped_with_431(server: LiveServer) -> None:
 
 def test_profile_options_are_checked_before_any_image_is_computed(server: LiveServer) -> None:
     batches = series(server, "anomaly_batch_size_count")
-    images = [{"data": __import__("base64").b64encode(png_bytes(size=(32, 32))).decode()}] * 12
+    images = [{"data": base64.b64encode(png_bytes(size=(32, 32))).decode()}] * 12
     too_many = {"name": "fprs-flood", "images": images, "fprs": [0.001 * (i + 1) for i in range(100)]}
     r = httpx.post(f"{server.url}/v1/profiles", json=too_many, timeout=60)
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation"
@@ -174,7 +178,7 @@ def test_drain_answers_every_admitted_request_in_json(live_server: Callable[...,
 
 
 def _profile_files(n: int = 12) -> list[tuple[str, tuple[str, bytes, str]]]:
-    rng = __import__("numpy").random.default_rng(7)
+    rng = np.random.default_rng(7)
     arrays = [rng.integers(0, 256, (32, 32, 3), dtype="uint8") for _ in range(n)]
     return [("files", (f"{i}.png", png_bytes(a), "image/png")) for i, a in enumerate(arrays)]
 
@@ -238,3 +242,54 @@ def test_profiles_delete_with_a_key_and_stale_writes_are_cleaned(
         422,
     )
     assert sorted(p.name for p in profiles.iterdir()) == ["default.json"]  # no temp file left either
+
+
+def _progressive_jpeg(repeat_scans: int = 0) -> bytes:
+    """A progressive JPEG; with ``repeat_scans`` its smallest scan is repeated that many times before EOI
+    (libjpeg decodes each one: seconds of CPU from a few MB)."""
+    rng = np.random.default_rng(3)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(
+        out, "JPEG", progressive=True, quality=90
+    )
+    data = out.getvalue()
+    end = data.rfind(b"\xff\xd9")
+    starts = [m.start() for m in re.finditer(b"\xff\xda", data)]
+    scans = [data[a:b] for a, b in zip(starts, [*starts[1:], end], strict=True)]
+    return data[:end] + min(scans, key=len) * repeat_scans + data[end:]
+
+
+def test_decoding_is_bounded_per_image_and_per_request(server: LiveServer) -> None:
+    jpeg = {"content-type": "image/jpeg"}
+    hostile = _progressive_jpeg(repeat_scans=5000)
+    assert len(hostile) < 20 * 1024 * 1024
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            url = f"{server.url}/v1/score"
+            return await asyncio.gather(
+                client.post(url, content=hostile, headers=jpeg),
+                client.post(url, content=hostile, headers=jpeg),
+                client.post(url, params={"timeout_s": 10}, content=_progressive_jpeg(), headers=jpeg),
+            )
+
+    first, second, ordinary = asyncio.run(scenario())
+    for r in (first, second):  # refused from the markers, before any decoding
+        assert r.status_code == 400 and "5010 scans" in r.json()["error"]["message"], r.text
+    assert ordinary.status_code == 200, ordinary.text  # answered within its own 10 s deadline
+
+    # MPO (phone cameras): scored as its first JPEG frame
+    frame = Image.fromarray(np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mpo = io.BytesIO()
+    frame.save(mpo, "MPO", save_all=True, append_images=[frame.rotate(90)])
+    r = httpx.post(f"{server.url}/v1/score", content=mpo.getvalue(), headers=jpeg, timeout=60)
+    assert r.status_code == 200, r.text
+
+    # nine images of 8.4 MP: each under the per-image cap, together over the request's 64 Mi-pixel budget
+    big = io.BytesIO()
+    Image.new("RGB", (4096, 2048)).save(big, "PNG")
+    files = [("files", (f"{i}.png", big.getvalue(), "image/png")) for i in range(9)]
+    batches = series(server, "anomaly_batch_size_count")
+    r = httpx.post(f"{server.url}/v1/score", files=files, timeout=120)
+    assert r.status_code == 413 and "DDM_MAX_REQUEST_PIXELS" in r.json()["error"]["message"], r.text
+    assert series(server, "anomaly_batch_size_count") == batches

@@ -42,6 +42,10 @@ class DecodeLimits:
     allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
     min_side: int = 8
     max_aspect_ratio: float = 32.0
+    # A progressive JPEG is decoded once per scan: real encoders write about 10 (mozjpeg up to ~20, an EXIF
+    # thumbnail a few more), while a crafted file repeats a scan thousands of times to cost seconds of CPU
+    # per image. Counted from the markers before decoding.
+    max_jpeg_scans: int = 64
 
 
 @dataclass
@@ -71,10 +75,16 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image
         raise UnsupportedMediaType("not an image in a supported format") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidInput(f"undecodable image: {exc}") from exc
-    if image.format not in limits.allowed_formats:
+    # MPO (what many phone cameras write) is JPEG with more frames after the first: scored as JPEG
+    kind = "JPEG" if image.format == "MPO" else image.format
+    if kind not in limits.allowed_formats:
         raise UnsupportedMediaType(
             f"image format {image.format} not accepted (allowed: {', '.join(limits.allowed_formats)})"
         )
+    if kind == "JPEG":
+        scans = jpeg_scan_count(data)
+        if scans > limits.max_jpeg_scans:
+            raise InvalidInput(f"JPEG with {scans} scans; at most {limits.max_jpeg_scans} are decoded")
     width, height = image.size
     if width * height > limits.max_pixels:
         raise PayloadTooLarge(f"image is {width}x{height}, over the pixel cap of {limits.max_pixels}")
@@ -93,6 +103,23 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image
         raise PayloadTooLarge("image exceeds the pixel cap") from exc
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise InvalidInput(f"truncated or corrupt image: {exc}") from exc
+
+
+def jpeg_scan_count(data: bytes) -> int:
+    """Start-of-scan markers (FF DA) in the file: entropy-coded data stuffs every FF with 00, so FF DA only
+    occurs as a marker (of the image or of an embedded thumbnail): an upper bound on the scans decoded."""
+    return data.count(b"\xff\xda")
+
+
+def declared_pixels(data: bytes) -> int:
+    """Width x height from the header alone (0 when unreadable: decoding then names the problem)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            width, height = Image.open(io.BytesIO(data)).size
+    except Exception:  # any header that PIL cannot read; decode_image refuses it with the right error
+        return 0
+    return int(width) * int(height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -22,11 +22,12 @@ import numpy as np
 
 from app.engine.calibration import DEFAULT_FPRS, Profile, fit_profile, validate_fprs
 from app.engine.explain import heatmap_png
-from app.engine.preprocessing import DecodeLimits, PreparedImage
+from app.engine.preprocessing import DecodeLimits, PreparedImage, declared_pixels
 from app.engine.profile_store import ProfileStore, validate_profile_name
 from app.engine.scorer import Scorer
 from app.engine.types import ImageStats, MethodOptions, ModelInfo, Verdict
 from app.errors import (
+    DeadlineExceeded,
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
@@ -237,7 +238,7 @@ class ScoringService:
                 f"{len(images)} images in one request; at most {self.settings.max_images_per_request}"
             )
         calibration = store.get(validate_profile_name(profile or self.settings.default_profile))
-        prepared = await self._decode_all(images)
+        prepared = await self._decode_all(images, deadline)
         t_decoded = time.monotonic()
         done = await self.batcher.run(prepared, deadline)
         verdicts = calibration.verdicts(done.outputs)
@@ -273,10 +274,25 @@ class ScoringService:
             label = "non_finite" if v.score is None else ("anomaly" if v.is_anomaly else "normal")
             self.metrics.verdicts.labels(profile=profile, verdict=label).inc()
 
-    async def _decode_all(self, images: Sequence[tuple[str, bytes]]) -> list[PreparedImage]:
-        results = await asyncio.gather(
+    async def _decode_all(
+        self, images: Sequence[tuple[str, bytes]], deadline: float | None = None
+    ) -> list[PreparedImage]:
+        """Decode on the pool, within the request's pixel budget and deadline: past it the request gets
+        its 504 on time (a decode already running finishes on its thread; its result is dropped)."""
+        sizes = await asyncio.gather(*(self._in_pool(declared_pixels, data) for _, data in images))
+        if sum(sizes) > self.settings.max_request_pixels:
+            raise PayloadTooLarge(
+                f"{sum(sizes)} pixels in one request; at most {self.settings.max_request_pixels} "
+                "(DDM_MAX_REQUEST_PIXELS)"
+            )
+        decoding = asyncio.gather(
             *(self._in_pool(self.engine.decode, data) for _, data in images), return_exceptions=True
         )
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            results = await asyncio.wait_for(decoding, timeout)
+        except TimeoutError:
+            raise DeadlineExceeded("the request deadline passed while its images were decoded") from None
         for (image_id, _), result in zip(images, results, strict=True):
             if isinstance(result, InvalidInput):  # the first bad image names itself; same error class
                 raise type(result)(f"image {image_id!r}: {result}") from result
