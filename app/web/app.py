@@ -15,7 +15,7 @@ from app.settings import Settings
 from app.web.errors import install_error_handlers
 from app.web.middleware import RequestContext
 from app.web.openapi import publish_limits
-from app.web.routes import health, models, scoring, v2
+from app.web.routes import docs, health, models, scoring, v2
 
 DESCRIPTION = """Zero-shot image anomaly scoring along a pretrained diffusion model's denoising trajectory.
 
@@ -38,7 +38,14 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         finally:
             await service.close()
 
-    app = FastAPI(title="ddm-anomaly", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="ddm-anomaly",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # /docs, /redoc and /ui come from app.web.routes.docs, with bundled assets (no CDN)
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = service
@@ -51,6 +58,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.add_middleware(v2.OipErrors)  # outermost: /v2 error bodies in the protocol's shape
     for module in (scoring, models, health, v2):
         app.include_router(module.router)
+    docs.install(app)
     publish_limits(
         app,
         {"/v1/score": settings.max_images_per_request, "/v1/profiles": settings.max_profile_images},
