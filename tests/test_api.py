@@ -235,7 +235,9 @@ def test_profile_json_body_and_refusals(client: TestClient) -> None:
     created = client.post("/v1/profiles", json={"name": "json-made", "images": images, "fprs": [0.01, 0.2]})
     assert created.status_code == 201, created.text
     assert set(created.json()["thresholds"]) == {"0.01", "0.05", "0.2"}
-    error_of(client.post("/v1/profiles", json={"name": "json-made", "images": images}), 409, "profile_conflict")
+    error_of(
+        client.post("/v1/profiles", json={"name": "json-made", "images": images}), 409, "profile_conflict"
+    )
     error_of(
         client.post("/v1/profiles", json={"name": "../etc", "images": images}), 422, "validation"
     )  # the schema's name pattern
