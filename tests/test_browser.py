@@ -205,3 +205,32 @@ def test_inspection_page_shows_a_refusal(browser: webdriver.Chrome, server: Live
     status = browser.find_element(By.ID, "status")
     wait_for(browser, lambda d: "invalid API key" in status.text, "the refusal message")
     assert "error" in (status.get_attribute("class") or "")
+
+
+DROP_SCRIPT = """
+const [name, b64] = arguments;
+const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+const transfer = new DataTransfer();
+transfer.items.add(new File([bytes], name, {type: "image/png"}));
+document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true,
+                                                                    cancelable: true}));
+"""
+
+
+def test_inspection_page_takes_a_dropped_image(browser: webdriver.Chrome, server: LiveServer) -> None:
+    """The drop zone (a DragEvent carrying the file, as a drag from the desktop delivers it)."""
+    digit = require_data("mnist", 1, start=1)[0]
+    browser.get(f"{server.url}/ui")
+    key = browser.find_element(By.ID, "api-key")
+    key.clear()
+    key.send_keys(KEY)
+    browser.find_element(By.ID, "reload").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "profile").is_enabled(), "profiles")
+    browser.execute_script(DROP_SCRIPT, "dropped-digit.png", base64.b64encode(digit.read_bytes()).decode())
+    card = wait_for(
+        browser,
+        lambda d: d.find_elements(By.CSS_SELECTOR, '.result[data-name="dropped-digit.png"]'),
+        "the result",
+    )[0]
+    assert card.find_element(By.CSS_SELECTOR, ".verdict").text.lower() == "anomaly"
+    assert card.find_element(By.CSS_SELECTOR, "img.heatmap").get_attribute("src").startswith("data:image/png")
