@@ -19,7 +19,7 @@ import tritonclient.http as tritonclient_http
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import LiveServer
-from tests.helpers import SHIPPED_MODEL, metric_value, require_data
+from tests.helpers import SHIPPED_MODEL, metric_value, png_bytes, require_data
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
@@ -37,6 +37,9 @@ OUTPUT_NAMES = ("score", "threshold", "is_anomaly", "percentile", "p_value")
 MAX_IMAGES = 4
 QUEUE = 3  # below MAX_IMAGES: the batcher refuses a 4-image request (it could never fit the queue)
 INFER_ENDPOINT = "/v2/models/{model_name}/infer"
+FAIL_SIZE = (13, 17)
+NAN_SIZE = (17, 13)
+FAULTS = f"fail={FAIL_SIZE[0]}x{FAIL_SIZE[1]};features={NAN_SIZE[0]}x{NAN_SIZE[1]}:nan"
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +55,8 @@ def server(
             "DDM_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES),
             "DDM_MAX_QUEUE_IMAGES": str(QUEUE),
             "DDM_MAX_UPLOAD_BYTES": str(256 * 1024),
+            # test hook (app/service/faults.py): a 13x17 upload fails its batch, a 17x13 one scores NaN
+            "DDM_FAULT_INJECTION": FAULTS,
         }
     )
 
@@ -265,6 +270,32 @@ def test_refusals_in_protocol_shape(
         - metric_value(before, "anomaly_requests_total", **code)
         == 1
     )
+
+
+def test_engine_failure_is_a_500_in_protocol_shape(server: LiveServer) -> None:
+    before = metrics(server)
+    response = infer_raw(server, request_body([base64.b64encode(png_bytes(size=FAIL_SIZE)).decode()]))
+    assert oip_error(response, 500)
+    after = metrics(server)
+    reason = "engine_error"
+    assert (
+        metric_value(after, "anomaly_refusals_total", reason=reason)
+        - metric_value(before, "anomaly_refusals_total", reason=reason)
+        == 1
+    )
+
+
+def test_a_score_that_is_not_finite(server: LiveServer, client: Any) -> None:
+    """null in JSON (as /v1/score), NaN in binary; such an image is judged anomalous."""
+    image = png_bytes(size=NAN_SIZE)
+    response = infer_raw(server, request_body([base64.b64encode(image).decode()]))
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o["data"] for o in response.json()["outputs"]}
+    assert outputs["score"] == [None] and outputs["is_anomaly"] == [True]
+    tensor = tritonclient_http.InferInput("images", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([image], dtype=np.object_))
+    result = client.infer(MODEL, [tensor], headers=auth())
+    assert np.isnan(result.as_numpy("score")).all() and result.as_numpy("is_anomaly").tolist() == [True]
 
 
 def test_body_over_the_byte_cap_is_refused_before_reading(server: LiveServer) -> None:
