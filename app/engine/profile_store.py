@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -57,6 +58,8 @@ class ProfileStore:
             if cached and cached[0] == mtime:
                 return cached[1]
         profile = Profile.load(path, self.model_id, self.options)
+        if profile.name != name:  # a copied or renamed file: answers, metrics and listings use its file name
+            profile = dataclasses.replace(profile, name=name)
         with self._lock:
             self._cache[name] = (mtime, profile)
         return profile
