@@ -29,6 +29,7 @@ from app.engine.trajectory import (
 )
 from app.engine.types import MethodOptions, ModelInfo
 from app.errors import ProfileMismatch
+from tests.helpers import missing
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "checkpoints" / "improved-diffusion"
 REFERENCE = FIXTURES / "tiny_reference.pt"
@@ -40,11 +41,11 @@ COSINE_4000 = {
 # DiffPath's statistic names in the order of our six sums: sum q, q^2, q^3, then the same of dq = diff(q) * K
 STAT_NAMES = ("eps_sum", "eps_sum_sq", "eps_sum_cb", "deps_dt", "deps_dt_sq", "deps_dt_cb")
 
-pytestmark = pytest.mark.skipif(not REFERENCE.is_file(), reason="checkpoint fixtures not present")
-
 
 @pytest.fixture(scope="module")
 def ref() -> dict:
+    if not REFERENCE.is_file():
+        missing(f"checkpoint fixture {REFERENCE} not present")
     return torch.load(REFERENCE, weights_only=True)
 
 
@@ -224,6 +225,8 @@ def test_the_setting_and_the_flag_select_the_trajectory() -> None:
 def imported_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from app.engine.model.importers.improved_diffusion import import_checkpoint, read_flags
 
+    if not (FIXTURES / "tiny.pt").is_file():
+        missing(f"checkpoint fixture {FIXTURES / 'tiny.pt'} not present")
     out = tmp_path_factory.mktemp("imported") / "tiny-diffpath"
     import_checkpoint(FIXTURES / "tiny.pt", read_flags(FIXTURES / "tiny_flags.json"), out)
     return out

@@ -26,7 +26,7 @@ from app.engine.model.sidecar import InputTransform, ModelSidecar
 from app.engine.preprocessing import center_crop_box, crop_box, prepare
 from app.engine.scorer import Scorer
 from tests.conftest import LiveServer
-from tests.helpers import make_tiny_model
+from tests.helpers import make_tiny_model, missing
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent.parent / "shared" / "checkpoints"
 CELEBAHQ_256 = CHECKPOINTS / "diffusers-ddpm-celebahq-256"
@@ -167,8 +167,9 @@ def serve_and_explain(
 
 @pytest.mark.slow
 @pytest.mark.live
-@pytest.mark.skipif(not CELEBAHQ_256.is_dir(), reason="checkpoint fixtures not present")
 def test_256_px_celebahq_architecture(live_server: Callable[..., LiveServer], tmp_path: Path) -> None:
+    if not CELEBAHQ_256.is_dir():
+        missing(f"checkpoint fixtures {CELEBAHQ_256} not present")
     folder = narrow_celebahq_256(tmp_path / "celebahq-256-narrow")
     size, a = serve_and_explain(live_server, folder, photo(300, 200), {"DDM_RUNTIME": "torch"})
     assert size == 256
