@@ -381,7 +381,7 @@ REFUSED: list[Case] = [
     _bad("create-profile-hidden-name", _profile(".hidden"), 400, "bad_input"),
     _bad("create-profile-slash-name", _profile("a/b"), 400, "bad_input"),
     _bad("create-profile-65-char-name", _profile("p" * 65), 400, "bad_input"),
-    _bad("create-profile-name-taken", _profile("default"), 400, "bad_input"),
+    _bad("create-profile-name-taken", _profile("default"), 409, "profile_conflict", "bad_input"),
     _bad("create-profile-3-images", _profile("tiny", images=3), 400, "bad_input", computed=3),
     # auth
     _bad("no-api-key", raw(media.png, auth=False), 401, "unauthorized"),
