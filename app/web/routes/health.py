@@ -13,20 +13,21 @@ router = APIRouter(tags=["health"])
 
 
 # HEAD answers like GET without a body (load balancers and uptime checkers probe with HEAD); left out of
-# the OpenAPI description, which lists each route once.
-@router.get("/livez", response_model=Health)
-@router.get("/v2/health/live", response_model=Health)
+# the OpenAPI description, which lists each route once. Decorators register bottom-up: the GET routes come
+# first, so a 405 on these paths names the documented method in its Allow header.
 @router.head("/livez", include_in_schema=False)
 @router.head("/v2/health/live", include_in_schema=False)
+@router.get("/livez", response_model=Health)
+@router.get("/v2/health/live", response_model=Health)
 async def livez(service: ServiceDep) -> Health:
     """The process is up and answering (also while the model loads)."""
     return Health(status="live", live=True, ready=service.ready)
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
-@router.get("/v2/health/ready", response_model=Health, responses={503: {"model": Health}})
 @router.head("/readyz", include_in_schema=False)
 @router.head("/v2/health/ready", include_in_schema=False)
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+@router.get("/v2/health/ready", response_model=Health, responses={503: {"model": Health}})
 async def readyz(service: ServiceDep) -> JSONResponse:
     """200 once the model is loaded and warmed up; 503 while loading, after a failed load, and when
     draining after SIGTERM (the reason of a failed load is in the server log)."""

@@ -84,7 +84,7 @@ async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
     status_code=201,
     response_model=ProfileSummary,
     dependencies=[AdminAccess, Admission],
-    responses=error_responses(400, 401, 403, 413, 415, 422, 500, 503, 504),
+    responses=error_responses(400, 401, 403, 409, 413, 415, 422, 500, 503, 504),
     openapi_extra=request_body(ProfileRequest, PROFILE_FORM_FIELDS, ["name"], raw_image=False),
     summary="Create a calibration profile from normal images (admin)",
 )
