@@ -94,11 +94,6 @@ class Settings(BaseSettings):
     max_profile_images: int = Field(5000, ge=1)
 
     # --- test hook ---------------------------------------------------------------------------------
-    fault_injection: str = Field(
-        "",
-        description="TEST HOOK, keep empty in production: engine faults keyed on image size "
-        "(app/service/faults.py, docs/RELIABILITY.md)",
-    )
 
     # --- server ------------------------------------------------------------------------------------
     host: str = "127.0.0.1"

@@ -90,8 +90,10 @@ class LiveServers:
         }
         log_path = self.workdir / f"server-{index}.log"
         with log_path.open("wb") as log:
+            # with DDM_TEST_FAULTS the test entry point serves the real engine wrapped in tests/faults.py
+            entry = ["tests.fault_server"] if "DDM_TEST_FAULTS" in overrides else ["app", "serve"]
             process = subprocess.Popen(
-                [sys.executable, "-m", "app", "serve"],
+                [sys.executable, "-m", *entry],
                 cwd=ROOT,
                 env={**os.environ, **overrides},
                 stdout=log,

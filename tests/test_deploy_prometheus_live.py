@@ -90,8 +90,8 @@ def live_service(tmp_path: Path) -> Iterator[str]:
         DDM_DRAIN_TIMEOUT_S="5",
         DDM_PROFILES_DIR=str(tmp_path / "profiles"),
         DDM_ALLOW_OPEN_PROFILE_CREATION="true",
-        # test-only hook (app/service/faults.py): a batch holding a 13x17 image fails with a 500
-        DDM_FAULT_INJECTION=f"fail={FAULT_SIZE[0]}x{FAULT_SIZE[1]}",
+        # tests/faults.py through the test entry point: a batch holding a 13x17 image fails with a 500
+        DDM_TEST_FAULTS=f"fail={FAULT_SIZE[0]}x{FAULT_SIZE[1]}",
     )
     # the committed CelebA profile copied as "celeba" (served and counted under its file name): the golden
     # MNIST digit is an anomaly under it
@@ -101,7 +101,7 @@ def live_service(tmp_path: Path) -> Iterator[str]:
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "tests.fault_server", "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT,
             env=env,
             stdout=out,

@@ -1,7 +1,8 @@
-"""The test-only fault hook (app/service/faults.py): its rules, and that it is off unless configured."""
+"""The test-only fault wrapper (tests/faults.py): its rules, and that nothing of it ships in the service."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -10,10 +11,10 @@ import torch
 
 from app.engine.preprocessing import PreparedImage
 from app.errors import DeviceOutOfMemory, EngineFailure
-from app.service.faults import FaultRules, inject_faults
 from app.service.metrics import Metrics
 from app.service.scoring import ScoringService
 from app.settings import Settings
+from tests.faults import FaultRules, FaultyEngine, inject_faults
 from tests.service_fakes import FakeScorer
 
 
@@ -21,11 +22,21 @@ def item(width: int, height: int) -> PreparedImage:
     return PreparedImage(torch.zeros(3, 8, 8), (width, height), bytes([width, height]))
 
 
-def test_off_by_default_the_batcher_calls_the_engine_itself(tmp_path: Path) -> None:
-    assert Settings().fault_injection == ""
+def test_no_hook_ships_the_batcher_calls_the_engine_itself(tmp_path: Path) -> None:
+    assert not any(name.startswith(("fault", "inject")) for name in Settings.model_fields)
+    assert importlib.util.find_spec("app.service.faults") is None
     fake = FakeScorer()
     service = ScoringService(Settings(profiles_dir=tmp_path), Metrics(), fake)
     assert service.batcher._fn == fake.run  # no wrapper in between
+
+
+def test_the_wrapper_engine_is_the_real_one_but_for_run(tmp_path: Path) -> None:
+    fake = FakeScorer()
+    faulty = FaultyEngine(fake, FaultRules.parse("fail=13x17"))
+    assert faulty.info == fake.info and faulty.decode == fake.decode
+    service = ScoringService(Settings(profiles_dir=tmp_path), Metrics(), faulty)
+    with pytest.raises(EngineFailure, match="injected"):
+        service.batcher._fn([item(13, 17)])
 
 
 def test_rules_parse_and_bad_rules_are_refused() -> None:

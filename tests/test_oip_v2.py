@@ -55,8 +55,8 @@ def server(
             "DDM_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES),
             "DDM_MAX_QUEUE_IMAGES": str(QUEUE),
             "DDM_MAX_UPLOAD_BYTES": str(256 * 1024),
-            # test hook (app/service/faults.py): a 13x17 upload fails its batch, a 17x13 one scores NaN
-            "DDM_FAULT_INJECTION": FAULTS,
+            # tests/faults.py via the test entry point: a 13x17 upload fails its batch, a 17x13 one scores NaN
+            "DDM_TEST_FAULTS": FAULTS,
         }
     )
 

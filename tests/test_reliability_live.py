@@ -1,10 +1,11 @@
 """Overload, faults and shutdown against live servers (real uvicorn, shipped model, default K=10 steps).
 
-``server``: batches of 4, a queue of 24 images, a 1 s shutdown delay, and the test-only
-fault hook (``DDM_FAULT_INJECTION``, app/service/faults.py) armed by image size: a 13x17 image makes its
-batch fail, a 15x13 image makes a batch of more than 2 run out of device memory, and 11x19 / 19x11 /
-17x13 images get NaN / +inf / 1e300 features. Ordinary images are untouched. Its profiles folder starts
-with six broken or foreign profiles next to the "default" one the fixture creates through the API.
+``server``: batches of 4, a queue of 24 images, a 1 s shutdown delay, and the test-only fault wrapper
+(``DDM_TEST_FAULTS``, tests/faults.py, served by ``python -m tests.fault_server``) armed by image size: a
+13x17 image makes its batch fail, a 15x13 image makes a batch of more than 2 run out of device memory,
+and 11x19 / 19x11 / 17x13 images get NaN / +inf / 1e300 features. Ordinary images are untouched. Its
+profiles folder starts with six broken or foreign profiles next to the "default" one the fixture creates
+through the API.
 
 ``broken``: a model folder whose weights file is garbage; it must stay live and never become ready.
 
@@ -119,7 +120,7 @@ def servers(
             "DDM_MAX_IMAGES_PER_REQUEST": "8",
             "DDM_MAX_BATCH_DELAY_MS": "50",
             "DDM_SHUTDOWN_DELAY_S": "1.0",
-            "DDM_FAULT_INJECTION": FAULTS,
+            "DDM_TEST_FAULTS": FAULTS,
         }
     )
     files = [("files", (f"ref{i}.png", image(100 + i), PNG)) for i in range(12)]

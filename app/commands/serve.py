@@ -16,8 +16,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
+
+if TYPE_CHECKING:  # the CLI imports commands lazily: the web stack loads only when serving
+    from fastapi import FastAPI
+
+    from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +51,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from app.web.app import create_app
+
+    settings = settings_from_args(args)
+    if settings is None:
+        return 2
+    return serve_app(create_app(settings), settings)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings | None:
+    """The environment's settings with this command's flags on top; None (logged) when they are invalid."""
     from pydantic import ValidationError
 
-    from app import log_escaping
     from app.settings import Settings
-    from app.web.app import create_app
-    from app.web.http_limits import bounded_http_protocol
 
     fields = ("host", "port", "model_dir", "profiles_dir", "device", "dtype", "runtime", "max_batch_size",
               "max_batch_delay_ms", "torch_threads", "model_instances", "log_level")  # fmt: skip
     overrides = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
     try:
-        settings = Settings(**overrides)
+        return Settings(**overrides)
     except ValidationError as exc:
         log.error("invalid settings: %s", exc)
-        return 2
-    app = create_app(settings)
+        return None
+
+
+def serve_app(app: FastAPI, settings: Settings) -> int:
+    """Run ``app`` under uvicorn until a signal has drained it; 0 when it started and stopped cleanly."""
+    from app import log_escaping
+    from app.web.http_limits import bounded_http_protocol
+
     config = uvicorn.Config(
         app,
         host=settings.host,

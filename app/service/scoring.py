@@ -37,7 +37,6 @@ from app.errors import (
     ProfileMismatch,
 )
 from app.service.batcher import DynamicBatcher
-from app.service.faults import FaultRules, inject_faults
 from app.service.metrics import Metrics
 from app.settings import Settings
 
@@ -111,13 +110,8 @@ class ScoringService:
         self.settings = settings
         self.metrics = metrics
         self.engine: Engine = engine if engine is not None else engine_from_settings(settings)
-        run: Callable[[Sequence[PreparedImage]], list[ImageStats]] = self.engine.run
-        faults = FaultRules.parse(settings.fault_injection)  # a test hook; empty in production
-        if faults:
-            log.warning("FAULT INJECTION IS ON (test hook): %s", settings.fault_injection)
-            run = inject_faults(run, faults)
         self.batcher: DynamicBatcher[PreparedImage, ImageStats] = DynamicBatcher(
-            run,
+            self.engine.run,
             max_batch_size=settings.max_batch_size,
             max_batch_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue_items=settings.max_queue_images,

@@ -1,6 +1,8 @@
-"""TEST HOOK: deterministic engine faults for the live reliability tests. Off unless configured.
+"""Deterministic engine faults for the live reliability tests: a wrapper around the real engine, never
+shipped (the test entry point ``python -m tests.fault_server`` serves with it; tests/conftest.py starts it
+when a test sets ``DDM_TEST_FAULTS``).
 
-``DDM_FAULT_INJECTION`` (empty by default; never set it in production) is a ``;``-separated list of rules.
+``DDM_TEST_FAULTS`` is a ``;``-separated list of rules.
 Each rule picks images by their source size (width x height as uploaded, after EXIF orientation), so a
 test decides which batch misbehaves by what it uploads, through the real HTTP path and the real model:
 
@@ -11,7 +13,7 @@ test decides which batch misbehaves by what it uploads, through the real HTTP pa
   map are replaced by the float ``X`` (``nan``, ``inf``, ``-inf``, ``1e300``, ...).
 
 :func:`inject_faults` wraps the engine's ``run`` between the batcher and the engine; the engine itself
-(the science) is untouched. The service logs a warning at start-up when rules are set.
+(the science) is untouched. :class:`FaultyEngine` is the real engine with that ``run``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -95,3 +98,15 @@ def _replaced(stats: ImageStats, value: float) -> ImageStats:
         heatmap=fill(stats.heatmap),
         finite=bool(np.isfinite(value)),
     )
+
+
+class FaultyEngine:
+    """The real engine (loading, decoding, the model) with ``run`` passed through the rules; everything else
+    is the wrapped engine's own (``create_app(settings, engine=FaultyEngine(real, rules))``)."""
+
+    def __init__(self, engine: Any, rules: FaultRules) -> None:
+        self._engine = engine
+        self.run = inject_faults(engine.run, rules)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
