@@ -42,8 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import naive_peer  # a sibling script, not a package
 
+from app.engine.model.runtimes import RuntimeUnavailable, TorchRuntime, build_runtime, torch_threads_beside
 from app.engine.preprocessing import PreparedImage
-from app.engine.runtimes import RuntimeUnavailable, TorchRuntime, build_runtime, torch_threads_beside
 from app.engine.scorer import Scorer
 from app.engine.trajectory import predict_noise, trajectory_timesteps
 from app.engine.types import MethodOptions

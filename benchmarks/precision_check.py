@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from app.engine.calibration import fit_profile
-from app.engine.runtimes import build_runtime
+from app.engine.model.runtimes import build_runtime
 from app.engine.scorer import Scorer
 
 ROOT = Path(__file__).resolve().parent.parent

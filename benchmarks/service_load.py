@@ -253,7 +253,7 @@ class EngineReference:
     def measure(self, rounds: int) -> None:
         import torch
 
-        from app.engine.runtimes import torch_threads_beside
+        from app.engine.model.runtimes import torch_threads_beside
 
         for run in self.runs:
             scorer = self.scorers[run["threads"]]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from app.engine.calibration import Profile, fit_profile
-from app.engine.model_loading import LoadedModel
+from app.engine.model.loading import LoadedModel
 from app.engine.statistics import path_statistics
 from app.engine.trajectory import (
     diffpath_schedule,
@@ -245,7 +245,7 @@ def test_imported_tiny_model_gives_diffpaths_statistics(imported_tiny: Path, ref
     the replay above, where the raw epsilon is the original's, 4.4e-7; 4e-6 of noise on the replayed raw
     epsilon alone moves deps_dt by up to 1.2e-4. So those two are held to 1e-3, the others to 1e-4.
     """
-    from app.engine.model_loading import load_model
+    from app.engine.model.loading import load_model
 
     model = load_model(imported_tiny, device="cpu", runtime=runtime)
     abar64 = ref["alphas_cumprod_4000_cosine"].numpy()

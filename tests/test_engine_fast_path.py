@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_msssim.ssim import _fspecial_gauss_1d, gaussian_filter
 
-from app.engine.model_loading import ModelLoadError, cpu_has_native_bf16, resolve_dtype
+from app.engine.model.loading import ModelLoadError, cpu_has_native_bf16, resolve_dtype
 from app.engine.ssim import WINDOW, blur, ssim_map, ssim_reference
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from pytorch_msssim import ssim as library_ssim
 
-from app.engine.model_loading import alphas_cumprod_from_config
+from app.engine.model.loading import alphas_cumprod_from_config
 from app.engine.preprocessing import prepare
 from app.engine.ssim import ssim_map
 from app.engine.statistics import PathAccumulator, amplified_error, power_sums, stein_error

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.engine.calibration import Profile, fit_profile
-from app.engine.model_loading import ModelLoadError, load_model
+from app.engine.model.loading import ModelLoadError, load_model
 from app.engine.preprocessing import PreparedImage
 from app.engine.scorer import Scorer
 from app.engine.types import MethodOptions

@@ -23,9 +23,9 @@ from app.cli import main
 from app.engine.model.importers import ddim
 from app.engine.model.importers import improved_diffusion as idf
 from app.engine.model.importers.common import CheckpointImportError, build_unet, parameter_count
+from app.engine.model.loading import load_model
+from app.engine.model.runtimes import TorchRuntime
 from app.engine.model.sidecar import read_sidecar
-from app.engine.model_loading import load_model
-from app.engine.runtimes import TorchRuntime
 from tests.helpers import REPO, missing
 
 CHECKPOINTS = Path(os.environ.get("DDM_TEST_CHECKPOINTS", REPO.parent / "shared" / "checkpoints"))
@@ -442,7 +442,7 @@ def test_plain_diffusers_folder_is_called_as_before(tmp_path: Path) -> None:
 def test_learned_sigma_folder_without_sidecar_is_refused(tmp_path: Path, id_folder: Path) -> None:
     import shutil
 
-    from app.engine.model_loading import ModelLoadError
+    from app.engine.model.loading import ModelLoadError
 
     copy_dir = tmp_path / "copy"
     shutil.copytree(id_folder, copy_dir)

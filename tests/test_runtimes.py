@@ -1,4 +1,4 @@
-"""The UNet runtimes (app/engine/runtimes.py) on the shipped model: the exported ones compute what torch
+"""The UNet runtimes (app/engine/model/runtimes.py) on the shipped model: the exported ones compute what torch
 computes, are safe under concurrent model instances, and refuse what they cannot do with a clear error."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine.model_loading import ModelLoadError, load_model
-from app.engine.runtimes import RuntimeUnavailable, build_runtime
+from app.engine.model.loading import ModelLoadError, load_model
+from app.engine.model.runtimes import RuntimeUnavailable, build_runtime
 from app.engine.scorer import Scorer
 from tests.helpers import require_data
 

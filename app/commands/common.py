@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from app.engine.runtimes import RUNTIMES
+from app.engine.model.runtimes import RUNTIMES
 from app.engine.scorer import Scorer
 from app.engine.types import METHODS, MethodOptions
 from app.service.scoring import engine_from_settings

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.engine.model.loading import LoadedModel, load_model
+from app.engine.model.runtimes import torch_threads_beside
 from app.engine.model.sidecar import InputTransform
-from app.engine.model_loading import LoadedModel, load_model
 from app.engine.preprocessing import DecodeLimits, PreparedImage, decode_image, prepare
-from app.engine.runtimes import torch_threads_beside
 from app.engine.statistics import BatchStats, batch_statistics
 from app.engine.types import ImageStats, MethodOptions, ModelInfo
 from app.errors import DeviceOutOfMemory, EngineFailure, ModelNotReady

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine.model_loading import LoadedModel
+from app.engine.model.loading import LoadedModel
 from app.engine.ssim import IMAGE_DATA_RANGE, SsimReference, ssim_map, ssim_per_image, ssim_reference
 from app.engine.trajectory import (
     TrajectoryStep,

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.engine.model_loading import LoadedModel
+from app.engine.model.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from app.engine.model_loading import ModelLoadError
-from app.engine.model_loading import resolve_device as engine_device
+from app.engine.model.loading import ModelLoadError
+from app.engine.model.loading import resolve_device as engine_device
 from app.errors import InvalidInput
 from app.training import checkpoint as ckpt
 from app.training.data import BatchSampler, load_image_folders, to_model_input

@@ -1,2 +1,7 @@
-"""Model formats: the project's sidecar for what a diffusers folder cannot say, and importers that turn
-original-format checkpoints (improved-diffusion / DiffPath, ermongroup/ddim) into diffusers folders."""
+"""The one model reader: every command and the service load a model folder through ``loading.load_model``.
+
+``loading``: a diffusers folder (``unet/`` + ``scheduler/``, or flat) plus the project's sidecar
+(``sidecar``: calling convention and input transform) -> a UNet on its device with its schedule.
+``runtimes``: what computes eps_theta (eager torch, or ONNX Runtime on CPU). ``importers``: original-format
+checkpoints (improved-diffusion / DiffPath, ermongroup/ddim) -> such a folder (``ddm-anomaly import``).
+"""

@@ -537,7 +537,7 @@ def import_checkpoint(
 
 def verify_folder(folder: Path) -> None:
     """The written folder loads through the project's own loader (what every command and the service do)."""
-    from app.engine.model_loading import ModelLoadError, load_model
+    from app.engine.model.loading import ModelLoadError, load_model
 
     try:
         load_model(folder, device="cpu", dtype="float32", runtime="torch")

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
+from app.engine.model.runtimes import NoiseRuntime, RuntimeUnavailable, build_runtime
 from app.engine.model.sidecar import ModelSidecar, SidecarError, read_sidecar
-from app.engine.runtimes import NoiseRuntime, RuntimeUnavailable, build_runtime
 from app.engine.types import ModelInfo
 
 log = logging.getLogger(__name__)
