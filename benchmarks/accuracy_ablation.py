@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from app.engine.calibration import fit_profile
-from app.engine.datasets import list_images
-from app.engine.evaluation import detection_metrics
 from app.engine.scorer import Scorer
 from app.engine.ssim import ssim_map
 from app.engine.statistics import PathAccumulator, amplified_error, stein_error
 from app.engine.trajectory import content_noise, trajectory_grid, walk
 from app.engine.types import MethodOptions
+from app.offline.datasets import list_images
+from app.offline.evaluation import detection_metrics
 
 OOD_SETS = ("cifar10", "mnist", "dtd", "imagenet")
 
