@@ -210,3 +210,21 @@ def test_help_texts() -> None:
         with pytest.raises(SystemExit) as exc:
             main([command, "--help"])
         assert exc.value.code == 0
+
+
+def test_training_reads_the_folders_serve_reads(tmp_path: Path) -> None:
+    """One reader: a flat folder (config.json + scheduler_config.json side by side) loads for training as it
+    does for serve; a folder whose sidecar changes how the network is called is refused with that reason."""
+    from app.engine.model.sidecar import ModelSidecar
+    from app.training import load_model_dir
+    from tests.helpers import make_tiny_model
+
+    flat = make_tiny_model(tmp_path / "flat", flat=True)
+    unet, scheduler = load_model_dir(flat)
+    assert unet.config.sample_size == 16 and scheduler.config.num_train_timesteps > 1
+    nested = make_tiny_model(tmp_path / "nested")
+    ModelSidecar(timestep_scale=0.25).write(nested)
+    with pytest.raises(InvalidInput, match=r"timesteps x0\.25"):
+        load_model_dir(nested)
+    with pytest.raises(InvalidInput, match="does not exist"):
+        load_model_dir(tmp_path / "nowhere")

@@ -64,13 +64,30 @@ def default_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
 
 
 def load_model_dir(model_dir: Path) -> tuple[UNet2DModel, DDPMScheduler]:
-    """Load a diffusers folder (``unet/`` + ``scheduler/``) as an fp32 UNet (fp16 files are upcast) and
-    its schedule as a ``DDPMScheduler``. Only epsilon-prediction models can be trained or sampled here."""
+    """Load a model folder as ``serve`` finds it (``unet/`` + ``scheduler/`` or flat: the one reader's
+    ``find_layout``) as an fp32 UNet (fp16 files are upcast) and its schedule as a ``DDPMScheduler``.
+
+    Training and sampling call the UNet the plain diffusers way (integer timesteps, every output channel is
+    epsilon), so a folder whose sidecar says otherwise (an imported improved-diffusion model) is refused
+    here with that reason rather than trained wrongly."""
+    from app.engine.model.loading import ModelLoadError, find_layout
+    from app.engine.model.sidecar import ModelSidecar, SidecarError, read_sidecar
+
     model_dir = Path(model_dir)
-    if not (model_dir / "unet").is_dir() or not (model_dir / "scheduler").is_dir():
-        raise InvalidInput(f"{model_dir} is not a diffusers model folder (needs unet/ and scheduler/)")
-    unet = UNet2DModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False)
-    scheduler = DDPMScheduler.from_pretrained(model_dir / "scheduler")
+    try:
+        unet_dir, scheduler_file = find_layout(model_dir)
+        sidecar = read_sidecar(model_dir)
+    except (ModelLoadError, SidecarError) as exc:
+        raise InvalidInput(str(exc)) from exc
+    plain = ModelSidecar()
+    if (sidecar.timestep_scale, sidecar.epsilon_channels) != (plain.timestep_scale, plain.epsilon_channels):
+        raise InvalidInput(
+            f"{model_dir}: its sidecar gives the network timesteps x{sidecar.timestep_scale:g} and "
+            f"{sidecar.epsilon_channels or 'all'} epsilon channels; training and sampling here call it the "
+            "plain diffusers way (score, calibrate and serve it instead)"
+        )
+    unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=torch.float32, low_cpu_mem_usage=False)
+    scheduler = DDPMScheduler.from_pretrained(scheduler_file.parent)
     if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
         raise InvalidInput(f"{model_dir}: only epsilon-prediction models are supported")
     return unet, scheduler
