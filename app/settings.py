@@ -127,3 +127,8 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @property
+    def profiles_folder(self) -> Path:
+        """Where calibration profiles live: ``profiles_dir``, else ``<model_dir>/profiles``."""
+        return self.profiles_dir or self.model_dir / "profiles"

@@ -87,3 +87,31 @@ def test_evaluate_writes_table_json_and_plots(
         assert r["n_id"] == 8 and r["n_ood"] == 8 and 0.0 <= r["auroc"] <= 1.0
     assert (tmp_path / "eval" / "result_roc.png").stat().st_size > 1000
     assert (tmp_path / "eval" / "result_hist.png").stat().st_size > 1000
+
+
+def test_flags_come_from_the_settings_vocabulary() -> None:
+    """serve's and the model commands' flags are generated from Settings: the same choices, and a flag
+    given on the command line lands in the same field as its DDM_* variable."""
+    import argparse
+    import typing
+
+    from app.commands import serve
+    from app.commands.common import ENGINE_FLAGS, add_engine_args, settings_from_args
+    from app.settings import Settings
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", "--trajectory", "diffpath", "--runtime", "torch", "--port", "0"])
+    settings = serve.settings_from_args(args)
+    assert settings is not None
+    assert (settings.trajectory, settings.runtime, settings.port) == ("diffpath", "torch", 0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--runtime", "tensorrt"])
+    engine = argparse.ArgumentParser()
+    add_engine_args(engine)
+    actions = {a.dest: a for a in engine._actions}
+    for name in ENGINE_FLAGS:
+        annotation = Settings.model_fields[name].annotation
+        if typing.get_origin(annotation) is typing.Literal:
+            assert tuple(actions[name].choices) == typing.get_args(annotation), name
+    assert settings_from_args(engine.parse_args(["--method", "diffpath-6d", "--steps", "4"])).steps == 4

@@ -14,11 +14,12 @@ import re
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 import uvicorn
+
+from app.commands.setting_flags import add_setting_flags, overrides
 
 if TYPE_CHECKING:  # the CLI imports commands lazily: the web stack loads only when serving
     from fastapi import FastAPI
@@ -26,6 +27,14 @@ if TYPE_CHECKING:  # the CLI imports commands lazily: the web stack loads only w
     from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# The settings `serve` also takes as flags (generated from Settings: choices, types and help); every other
+# setting comes from its DDM_* variable.
+SERVE_FLAGS = (
+    "host", "port", "model_dir", "profiles_dir", "device", "dtype", "runtime", "method", "steps",
+    "aggregation", "trajectory", "max_batch_size", "max_batch_delay_ms", "torch_threads", "model_instances",
+    "log_level",
+)  # fmt: skip
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,18 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve POST /v1/score, /v1/models, /v1/profiles, health and /metrics with uvicorn. "
         "Every setting comes from DDM_* environment variables (see README); flags override them.",
     )
-    p.add_argument("--host", help="bind address (DDM_HOST, default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (DDM_PORT, default 8000; 0 = any free port)")
-    p.add_argument("--model-dir", type=Path, metavar="DIR", help="diffusers model folder (DDM_MODEL_DIR)")
-    p.add_argument("--profiles-dir", type=Path, metavar="DIR", help="calibration profiles (DDM_PROFILES_DIR)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="DDM_DEVICE")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="DDM_DTYPE")
-    p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), help="DDM_RUNTIME")
-    p.add_argument("--max-batch-size", type=int, help="DDM_MAX_BATCH_SIZE")
-    p.add_argument("--max-batch-delay-ms", type=float, help="DDM_MAX_BATCH_DELAY_MS")
-    p.add_argument("--torch-threads", type=int, help="DDM_TORCH_THREADS")
-    p.add_argument("--model-instances", type=int, help="DDM_MODEL_INSTANCES")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="DDM_LOG_LEVEL")
+    add_setting_flags(p, SERVE_FLAGS)
     p.set_defaults(func=run)
 
 
@@ -65,11 +63,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings | None:
 
     from app.settings import Settings
 
-    fields = ("host", "port", "model_dir", "profiles_dir", "device", "dtype", "runtime", "max_batch_size",
-              "max_batch_delay_ms", "torch_threads", "model_instances", "log_level")  # fmt: skip
-    overrides = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
     try:
-        return Settings(**overrides)
+        return Settings(**overrides(args, SERVE_FLAGS))
     except ValidationError as exc:
         log.error("invalid settings: %s", exc)
         return None

@@ -137,7 +137,7 @@ class ScoringService:
         try:
             self.engine.load(warmup_batch=2 if self.settings.warmup else 0)
             info = self.engine.info
-            directory = self.settings.profiles_dir or self.settings.model_dir / "profiles"
+            directory = self.settings.profiles_folder
             self._profiles = ProfileStore(directory, info.model_id, self.engine.options)
             self._profiles.remove_stale_temp_files()
             loaded = self._profiles.load_all()
