@@ -76,7 +76,8 @@ def run(url: str, api_key: str, max_examples: int, out: Path, seed: int | None) 
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.monotonic() - started
-    log = done.stdout + done.stderr
+    # repository-relative paths: the log is a committed result, not a record of one machine's folders
+    log = (done.stdout + done.stderr).replace(f"{ROOT}/", "./")
     (out / f"run-{stamp}.log").write_text(log)
     summary = log[log.rfind("=== SUMMARY ===") :] if "=== SUMMARY ===" in log else log[-3000:]
     generated = re.search(r"(\d+) generated", summary)
