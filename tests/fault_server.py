@@ -9,8 +9,8 @@ import logging
 import os
 import sys
 
+from app.bootstrap import engine_from_settings
 from app.commands import serve
-from app.service.scoring import engine_from_settings
 from app.web.app import create_app
 from tests.faults import FaultRules, FaultyEngine
 

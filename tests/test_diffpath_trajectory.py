@@ -207,8 +207,8 @@ def test_profiles_are_bound_to_their_trajectory(tmp_path: Path) -> None:
 def test_the_setting_and_the_flag_select_the_trajectory() -> None:
     import argparse
 
+    from app.bootstrap import options_from_settings
     from app.commands.common import add_engine_args, settings_from_args
-    from app.service.scoring import options_from_settings
     from app.settings import Settings
 
     assert options_from_settings(Settings()).trajectory == "ddim"

@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from app.bootstrap import engine_from_settings
 from app.commands.setting_flags import add_setting_flags, overrides
 from app.engine.scorer import Scorer
 from app.engine.types import MethodOptions
-from app.service.scoring import engine_from_settings
 from app.settings import Settings
 
 # Settings the model-loading commands take as flags (choices, types and help from Settings)

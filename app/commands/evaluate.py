@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from app.bootstrap import options_from_settings
 from app.commands.common import add_engine_args, load_scorer, settings_from_args
 from app.engine.calibration import fit_profile
 from app.engine.scorer import Scorer
 from app.engine.types import METHODS
 from app.offline.datasets import feature_matrix, folder_statistics, list_images
 from app.offline.evaluation import PairResult, detection_metrics, format_table, plot_roc_and_histograms
-from app.service.scoring import options_from_settings
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
