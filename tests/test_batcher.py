@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
@@ -23,8 +24,9 @@ from app.errors import (
     Overloaded,
     PayloadTooLarge,
 )
+from app.service.batch_observer import BatchObserver, ImageOutcome
 from app.service.batcher import DynamicBatcher
-from app.service.metrics import Metrics
+from app.service.metrics import BatchMetrics, Metrics
 from tests.helpers import metric_value, until
 
 WAIT = 10.0  # generous bound on waits for the worker thread; never reached when things work
@@ -64,14 +66,62 @@ class FakeEngine:
         return [x for batch in self.batches for x in batch]
 
 
-def make(engine: Callable[[list[int]], Sequence[int]], **kwargs: float) -> DynamicBatcher[int, int]:
+class Recorder:
+    """A plain observer: keeps what the batcher reported (its own lock: some events come outside the
+    batcher's)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.instances = 0
+        self.safe_batch_size = 0
+        self.queued = 0
+        self.images: Counter[str] = Counter()
+        self.queue_waits: list[float] = []
+        self.batch_sizes: list[int] = []
+        self.splits = 0
+        self.inflight = 0
+
+    def configured(self, instances: int, safe_batch_size: int) -> None:
+        with self._lock:
+            self.instances, self.safe_batch_size = instances, safe_batch_size
+
+    def queue_changed(self, queued_images: int) -> None:
+        with self._lock:
+            self.queued = queued_images
+
+    def images_done(self, outcome: ImageOutcome, count: int) -> None:
+        with self._lock:
+            self.images[outcome] += count
+
+    def batch_started(self, queue_waits: Sequence[float]) -> None:
+        with self._lock:
+            self.queue_waits.extend(queue_waits)
+            self.inflight += 1
+
+    def batch_computed(self, size: int, seconds: float) -> None:
+        with self._lock:
+            self.batch_sizes.append(size)
+
+    def batch_split(self, safe_batch_size: int) -> None:
+        with self._lock:
+            self.safe_batch_size = safe_batch_size
+            self.splits += 1
+
+    def batch_finished(self) -> None:
+        with self._lock:
+            self.inflight -= 1
+
+
+def make(
+    engine: Callable[[list[int]], Sequence[int]], observer: BatchObserver | None = None, **kwargs: float
+) -> DynamicBatcher[int, int]:
     options = {"max_batch_size": 4, "max_batch_delay_s": 0.005, "max_queue_items": 16, **kwargs}
     batcher: DynamicBatcher[int, int] = DynamicBatcher(
         engine,
         max_batch_size=int(options["max_batch_size"]),
         max_batch_delay_s=float(options["max_batch_delay_s"]),
         max_queue_items=int(options["max_queue_items"]),
-        metrics=Metrics(CollectorRegistry()),
+        observer=observer if observer is not None else Recorder(),
         instances=int(options.get("instances", 1)),
     )
     batcher.start()
@@ -99,9 +149,21 @@ def busy(engine: FakeEngine, batcher: DynamicBatcher[int, int]):  # type: ignore
     return future
 
 
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    """A sample of the batcher's registry; a missing series fails (tests/helpers.py: metric_value)."""
-    return metric_value(generate_latest(metrics.registry).decode(), name, **labels)
+def seen(batcher: DynamicBatcher[int, int]) -> Recorder:
+    """What the batcher reported to its recording observer."""
+    assert isinstance(batcher.observer, Recorder)
+    return batcher.observer
+
+
+def with_metrics(engine: Callable[[list[int]], Sequence[int]], **kwargs: float) -> DynamicBatcher[int, int]:
+    """A batcher reporting to the service's Metrics-backed observer (a fresh registry)."""
+    return make(engine, BatchMetrics(Metrics(CollectorRegistry())), **kwargs)
+
+
+def sample(batcher: DynamicBatcher[int, int], name: str, **labels: str) -> float:
+    """A sample of the batcher's metrics registry; a missing series fails (tests/helpers.py: metric_value)."""
+    assert isinstance(batcher.observer, BatchMetrics)
+    return metric_value(generate_latest(batcher.observer.metrics.registry).decode(), name, **labels)
 
 
 def test_results_in_order_and_batches_never_empty_or_oversized(engine) -> None:
@@ -168,7 +230,7 @@ def test_concurrent_requests_share_a_batch(engine, batcher) -> None:
     assert [f.result(WAIT).outputs for f in waiting] == [[2], [4], [6]]
     assert first.result(WAIT).outputs == [-2]
     assert engine.batches == [[-1], [1, 2, 3]]
-    assert sample(batcher.metrics, "anomaly_batch_size_bucket", le="4.0") == 2
+    assert seen(batcher).batch_sizes == [1, 3]
 
 
 def test_large_request_spreads_over_batches_and_is_answered_once(engine, batcher) -> None:
@@ -185,7 +247,7 @@ def test_queue_full_refuses_at_once_with_retry_after(engine, batcher) -> None:
         batcher.submit(list(range(5)))  # 12 + 5 > 16
     assert refused.value.retry_after_s >= 1
     assert batcher.queued == 12  # the refused request left nothing behind
-    assert sample(batcher.metrics, "anomaly_images_total", outcome="refused") == 5
+    assert seen(batcher).images["refused"] == 5
     fits = batcher.submit(list(range(4)))  # exactly full is fine
     engine.gate.set()
     assert len(accepted.result(WAIT).outputs) == 12 and len(fits.result(WAIT).outputs) == 4
@@ -210,7 +272,7 @@ async def test_deadline_gives_deadline_exceeded_and_costs_no_compute(engine, bat
     engine.gate.set()
     assert batcher.submit([9]).result(WAIT).outputs == [18]
     assert 7 not in engine.seen and 8 not in engine.seen
-    assert sample(batcher.metrics, "anomaly_images_total", outcome="expired") == 2
+    assert seen(batcher).images["expired"] == 2
 
 
 def test_deadline_checked_by_the_worker_for_plain_futures(engine, batcher) -> None:
@@ -242,7 +304,7 @@ async def test_cancelled_caller_is_dropped_before_compute(engine, batcher) -> No
     engine.gate.set()
     assert batcher.submit([1]).result(WAIT).outputs == [2]
     assert not {7, 8, 9} & set(engine.seen)
-    assert sample(batcher.metrics, "anomaly_images_total", outcome="cancelled") == 3
+    assert seen(batcher).images["cancelled"] == 3
 
 
 def test_error_fails_only_its_batch_and_the_worker_keeps_serving(engine) -> None:
@@ -259,7 +321,7 @@ def test_error_fails_only_its_batch_and_the_worker_keeps_serving(engine) -> None
                 future.result(WAIT)
         assert [f.result(WAIT).outputs for f in later] == [[42], [44]]
         assert b.submit([1]).result(WAIT).outputs == [2]
-        assert sample(b.metrics, "anomaly_images_total", outcome="failed") == 4
+        assert seen(b).images["failed"] == 4
     finally:
         b.close(drain=False, timeout=WAIT)
 
@@ -295,8 +357,8 @@ def test_out_of_memory_splits_the_batch_and_remembers_the_safe_size() -> None:
     try:
         assert b.submit(list(range(8))).result(WAIT).outputs == [2 * x for x in range(8)]
         assert b.safe_batch_size == 2
-        assert sample(b.metrics, "anomaly_safe_batch_size") == 2
-        assert sample(b.metrics, "anomaly_oom_splits_total") >= 2  # 8 -> 4+4 -> 2+2+2+2
+        assert seen(b).safe_batch_size == 2
+        assert seen(b).splits >= 2  # 8 -> 4+4 -> 2+2+2+2
         engine.batches.clear()
         assert b.submit(list(range(6))).result(WAIT).outputs == [2 * x for x in range(6)]
         assert [len(x) for x in engine.batches] == [2, 2, 2]  # no new OOM: the limit is remembered
@@ -338,16 +400,45 @@ def test_close_without_drain_fails_queued_work(engine, batcher) -> None:
     engine.gate.set()
 
 
-def test_metrics_move_with_the_work(engine, batcher) -> None:
-    for n in (1, 4, 6):
-        batcher.submit(list(range(n))).result(WAIT)
-    m = batcher.metrics
-    assert sample(m, "anomaly_images_total", outcome="scored") == 11
-    assert sample(m, "anomaly_batch_size_count") == len(engine.batches)
-    assert sample(m, "anomaly_batch_size_sum") == 11
-    assert sample(m, "anomaly_queue_wait_seconds_count") == 11
-    assert sample(m, "anomaly_queue_images") == 0
-    assert sample(m, "anomaly_inflight_batches") == 0
+def test_metrics_move_with_the_work(engine) -> None:
+    batcher = with_metrics(engine)
+    try:
+        for n in (1, 4, 6):
+            batcher.submit(list(range(n))).result(WAIT)
+        m = batcher
+        assert sample(m, "anomaly_images_total", outcome="scored") == 11
+        assert sample(m, "anomaly_batch_size_count") == len(engine.batches)
+        assert sample(m, "anomaly_batch_size_sum") == 11
+        assert sample(m, "anomaly_queue_wait_seconds_count") == 11
+        assert sample(m, "anomaly_queue_images") == 0
+        assert sample(m, "anomaly_inflight_batches") == 0
+    finally:
+        batcher.close(timeout=WAIT)
+
+
+def test_metrics_count_splits_refusals_and_instances() -> None:
+    """The Metrics-backed observer puts the other events under their ``anomaly_*`` names."""
+    engine = FakeEngine(oom_above=2)
+    b = with_metrics(engine, instances=2, max_batch_size=8, max_queue_items=8)
+    try:
+        assert sample(b, "anomaly_model_instances") == 2 and sample(b, "anomaly_safe_batch_size") == 8
+        assert b.submit(list(range(8))).result(WAIT).outputs == [2 * x for x in range(8)]
+        assert sample(b, "anomaly_safe_batch_size") == 2
+        assert sample(b, "anomaly_oom_splits_total") >= 2
+        with pytest.raises(PayloadTooLarge):
+            b.submit(list(range(9)))
+        engine.hold()
+        running = b.submit([1])
+        assert engine.entered.wait(WAIT)
+        b.submit(list(range(7)))  # 7 of 8 queued while the only batch that fits is held
+        with pytest.raises(Overloaded):
+            b.submit([1, 2])
+        assert sample(b, "anomaly_images_total", outcome="refused") == 2
+        engine.gate.set()
+        assert running.result(WAIT).outputs == [2]
+    finally:
+        engine.gate.set()
+        b.close(timeout=WAIT)
 
 
 # --- several model instances (worker threads sharing one queue) -----------------------------------------
@@ -367,7 +458,7 @@ def test_two_instances_run_two_batches_at_the_same_time() -> None:
         first, second = b.submit([1, 2]), b.submit([3, 4])  # two full batches: no delay involved
         assert first.result(WAIT).outputs == [2, 4] and second.result(WAIT).outputs == [6, 8]
         assert len(threads) == 2
-        assert sample(b.metrics, "anomaly_model_instances") == 2
+        assert seen(b).instances == 2
     finally:
         b.close(timeout=WAIT)
 
@@ -430,12 +521,12 @@ def test_many_requests_on_four_instances_keep_every_count_exact() -> None:
             assert future.result(WAIT).outputs == [2 * x for x in range(s, s + n)]
         total = sum(sizes)
         assert sorted(engine.seen) == list(range(total))
-        assert sample(b.metrics, "anomaly_images_total", outcome="scored") == total
-        assert sample(b.metrics, "anomaly_batch_size_sum") == total
-        assert sample(b.metrics, "anomaly_queue_wait_seconds_count") == total
-        # a worker lowers the in-flight gauge just after resolving its batch's futures: settle first
+        assert seen(b).images["scored"] == total
+        assert sum(seen(b).batch_sizes) == total
+        assert len(seen(b).queue_waits) == total
+        # a worker reports its batch finished just after resolving its batch's futures: settle first
         assert b.close(timeout=WAIT)
-        assert sample(b.metrics, "anomaly_inflight_batches") == 0
+        assert seen(b).inflight == 0
     finally:
         b.close(timeout=WAIT)
 
@@ -448,7 +539,7 @@ def test_out_of_memory_split_with_two_instances() -> None:
         assert futures[0].result(WAIT).outputs == [2 * x for x in range(8)]
         assert futures[1].result(WAIT).outputs == [2 * x for x in range(10, 18)]
         assert b.safe_batch_size == 2
-        assert sample(b.metrics, "anomaly_safe_batch_size") == 2
+        assert seen(b).safe_batch_size == 2
     finally:
         b.close(timeout=WAIT)
 

@@ -20,6 +20,7 @@ Contract of :class:`DynamicBatcher`:
   :class:`DeviceOutOfMemory` instead splits the batch in halves and retries them; the size that worked is
   remembered as the new batch limit (``safe_batch_size``) until restart.
 * ``close(drain=True)`` refuses new work, computes everything already queued, then stops every worker.
+* It reports what happens to a :class:`~app.service.batch_observer.BatchObserver`; it knows no metrics.
 
 All bookkeeping shared between workers (requests' outputs and counters, the rate and safe-size estimates,
 the queue) changes under the one condition lock; ``fn`` runs outside it, and futures are resolved outside
@@ -29,16 +30,14 @@ it too (their callbacks may take it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar, cast
+from concurrent.futures import Future
+from typing import Generic, TypeVar
 
 from app.errors import (
     DDMError,
@@ -49,7 +48,18 @@ from app.errors import (
     Overloaded,
     PayloadTooLarge,
 )
-from app.service.metrics import Metrics
+from app.service.batch_observer import BatchObserver, NoObserver
+from app.service.batch_requests import (
+    Answers,
+    BatchRequest,
+    Completed,
+    QueueEntry,
+    deliver,
+    expired_requests,
+    outcome_of,
+    settle,
+    store_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,39 +67,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass
-class Completed(Generic[R]):
-    """What a request's future resolves to: outputs in request order plus where its time went."""
-
-    outputs: list[R]
-    queue_s: float  # submit -> start of its first batch
-    compute_s: float  # summed model time of the batches its items were in
-    batches: int
-
-
-@dataclass(eq=False)
-class _Request(Generic[T, R]):
-    items: Sequence[T]
-    deadline: float | None  # time.monotonic() value
-    submitted: float
-    future: Future[Completed[R]] = field(default_factory=Future)
-    outputs: list[R | None] = field(default_factory=list)
-    remaining: int = 0
-    started: float | None = None
-    compute_s: float = 0.0
-    batches: int = 0
-
-
-@dataclass(eq=False)
-class _Entry(Generic[T, R]):
-    request: _Request[T, R]
-    index: int
-    enqueued: float
-
-
 class DynamicBatcher(Generic[T, R]):
-    """Queue items from many requests and run them through ``fn`` in batches on ``instances`` worker
-    threads."""
+    """Queue items from many requests and run them through ``fn`` in batches on worker threads."""
 
     def __init__(
         self,
@@ -98,7 +77,7 @@ class DynamicBatcher(Generic[T, R]):
         max_batch_size: int,
         max_batch_delay_s: float,
         max_queue_items: int,
-        metrics: Metrics | None = None,
+        observer: BatchObserver | None = None,
         name: str = "model",
         instances: int = 1,
     ) -> None:
@@ -108,18 +87,17 @@ class DynamicBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue_items = max_queue_items
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.observer: BatchObserver = observer if observer is not None else NoObserver()
         self.name = name
         self.instances = instances
-        self._queue: deque[_Entry[T, R]] = deque()
+        self._queue: deque[QueueEntry[T, R]] = deque()
         self._cond = threading.Condition()  # RLock inside: future callbacks may re-enter from this thread
         self._closed = False
         self._deadline_cap: float | None = None  # set when draining: no request outlives the drain
         self._safe_size = max_batch_size
         self._rate = 0.0  # items/s of one instance, moving average over batches (for Retry-After)
         self._threads: list[threading.Thread] = []
-        self.metrics.safe_batch_size.set(max_batch_size)
-        self.metrics.model_instances.set(instances)
+        self.observer.configured(instances, max_batch_size)
 
     # --- any thread -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -178,18 +156,18 @@ class DynamicBatcher(Generic[T, R]):
         deadline = self._capped(deadline)
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("request deadline passed before it was queued")
-        request: _Request[T, R] = _Request(items, deadline, now, outputs=[None] * n, remaining=n)
+        request: BatchRequest[T, R] = BatchRequest(items, deadline, now, outputs=[None] * n, remaining=n)
         with self._cond:
             if self._closed:
                 raise ModelNotReady("the service is shutting down")
             if len(self._queue) + n > self.max_queue_items:
-                self.metrics.images.labels(outcome="refused").inc(n)
+                self.observer.images_done("refused", n)
                 raise Overloaded(
                     f"queue full ({len(self._queue)} of {self.max_queue_items} images waiting)",
                     retry_after_s=self._retry_after(n),
                 )
-            self._queue.extend(_Entry(request, i, now) for i in range(n))
-            self.metrics.queued_images.set(len(self._queue))
+            self._queue.extend(QueueEntry(request, i, now) for i in range(n))
+            self.observer.queue_changed(len(self._queue))
             self._cond.notify()
         request.future.add_done_callback(lambda _f: self._forget(request))
         return request.future
@@ -204,9 +182,8 @@ class DynamicBatcher(Generic[T, R]):
         try:
             done, _ = await asyncio.wait({waiter}, timeout=timeout)
             if not done:
-                _settle(
-                    future, DeadlineExceeded(f"no result within the request deadline ({len(items)} images)")
-                )
+                error = DeadlineExceeded(f"no result within the request deadline ({len(items)} images)")
+                settle(future, error)
             return await waiter
         finally:
             future.cancel()  # no-op when done
@@ -219,16 +196,16 @@ class DynamicBatcher(Generic[T, R]):
             dropped = [] if drain and self._threads else self._take_all()
             self._cond.notify_all()
         if dropped:
-            self.metrics.images.labels(outcome="failed").inc(len(dropped))
+            self.observer.images_done("failed", len(dropped))
         for request in {e.request for e in dropped}:
-            _settle(request.future, ModelNotReady("the service shut down before this request was computed"))
+            settle(request.future, ModelNotReady("the service shut down before this request was computed"))
         end = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
             thread.join(None if end is None else max(0.0, end - time.monotonic()))
         return not any(thread.is_alive() for thread in self._threads)
 
     # --- bookkeeping ----------------------------------------------------------------------------------
-    def _forget(self, request: _Request[T, R]) -> None:
+    def _forget(self, request: BatchRequest[T, R]) -> None:
         """Done callback: a request that ended early (cancelled, expired, failed) leaves the queue."""
         future = request.future
         if not future.cancelled() and future.exception() is None:
@@ -238,26 +215,26 @@ class DynamicBatcher(Generic[T, R]):
             self._queue = deque(e for e in self._queue if e.request is not request)
             dropped = before - len(self._queue)
             if dropped:
-                self.metrics.queued_images.set(len(self._queue))
-                self.metrics.images.labels(outcome=_outcome(future)).inc(dropped)
+                self.observer.queue_changed(len(self._queue))
+                self.observer.images_done(outcome_of(future), dropped)
 
-    def _take(self, limit: int) -> list[_Entry[T, R]]:
+    def _take(self, limit: int) -> list[QueueEntry[T, R]]:
         """Up to ``limit`` live entries off the queue (a request cancelled a moment ago may still be
         there until its callback gets the lock; its entries are skipped, never computed)."""
-        batch: list[_Entry[T, R]] = []
+        batch: list[QueueEntry[T, R]] = []
         while self._queue and len(batch) < limit:
             entry = self._queue.popleft()
             if entry.request.future.done():
-                self.metrics.images.labels(outcome=_outcome(entry.request.future)).inc()
+                self.observer.images_done(outcome_of(entry.request.future), 1)
             else:
                 batch.append(entry)
-        self.metrics.queued_images.set(len(self._queue))
+        self.observer.queue_changed(len(self._queue))
         return batch
 
-    def _take_all(self) -> list[_Entry[T, R]]:
+    def _take_all(self) -> list[QueueEntry[T, R]]:
         entries = list(self._queue)
         self._queue.clear()
-        self.metrics.queued_images.set(0)
+        self.observer.queue_changed(0)
         return entries
 
     def _retry_after(self, n: int) -> float:
@@ -275,11 +252,11 @@ class DynamicBatcher(Generic[T, R]):
                 return
             self._execute(batch)
 
-    def _next_batch(self) -> list[_Entry[T, R]] | None:
+    def _next_batch(self) -> list[QueueEntry[T, R]] | None:
         """Block until a batch closes (size or delay), or return None once closed and empty."""
         while True:
             with self._cond:
-                expired = self._expired(time.monotonic())
+                expired = expired_requests(self._queue, time.monotonic())
                 while not expired:
                     if not self._queue:
                         if self._closed:
@@ -296,99 +273,77 @@ class DynamicBatcher(Generic[T, R]):
                                 return batch
                             continue
                         self._cond.wait(timeout=wait)
-                    expired = self._expired(time.monotonic())
+                    expired = expired_requests(self._queue, time.monotonic())
             for request in expired:  # outside the lock: their done callbacks take it
-                _settle(request.future, DeadlineExceeded("the deadline passed while the request was queued"))
+                settle(request.future, DeadlineExceeded("the deadline passed while the request was queued"))
 
-    def _expired(self, now: float) -> set[_Request[T, R]]:
-        return {
-            e.request for e in self._queue if e.request.deadline is not None and e.request.deadline <= now
-        }
-
-    def _execute(self, batch: list[_Entry[T, R]]) -> None:
+    def _execute(self, batch: list[QueueEntry[T, R]]) -> None:
         started = time.monotonic()
         with self._cond:
             for entry in batch:
-                self.metrics.queue_wait.observe(started - entry.enqueued)
                 if entry.request.started is None:
                     entry.request.started = started
-            self.metrics.inflight_batches.inc()
+            self.observer.batch_started([started - entry.enqueued for entry in batch])
         try:
             self._compute(batch)
         finally:
             with self._cond:
-                self.metrics.inflight_batches.dec()
+                self.observer.batch_finished()
 
-    def _compute(self, batch: list[_Entry[T, R]]) -> None:
-        """Run one batch; on device OOM split it in halves and retry each (recursively)."""
-        items = [e.request.items[e.index] for e in batch]
+    def _compute(self, batch: list[QueueEntry[T, R]]) -> None:
+        """Run one batch and answer its requests; on device OOM split it in halves and retry each."""
         t0 = time.monotonic()
         try:
-            outputs = list(self._fn(items))
-            if len(outputs) != len(items):
-                raise EngineFailure(f"engine returned {len(outputs)} results for a batch of {len(items)}")
+            outputs = self._call_model(batch)
         except DeviceOutOfMemory as exc:
             if len(batch) == 1:
                 self._fail_batch(batch, exc)
-                return
-            half = len(batch) // 2
-            with self._cond:
-                self._safe_size = min(self._safe_size, half)
-                self.metrics.safe_batch_size.set(self._safe_size)
-                self.metrics.oom_splits.inc()
-            log.warning("device out of memory on a batch of %d; retrying as %d + %d", len(batch), half,
-                        len(batch) - half)  # fmt: skip
-            self._compute(batch[:half])
-            self._compute(batch[half:])
+            else:
+                self._split(batch)
             return
         except Exception as exc:
             self._fail_batch(batch, exc)
             return
-        elapsed = time.monotonic() - t0
-        finished: list[tuple[_Request[T, R], Completed[R]]] = []
-        with self._cond:  # another worker may be finishing a batch of the same request right now
-            self.metrics.batch_compute.observe(elapsed)
-            self.metrics.batch_size.observe(len(batch))
-            self.metrics.images.labels(outcome="scored").inc(len(batch))
-            if elapsed > 0:
-                rate = len(batch) / elapsed
-                self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
-            for request in {e.request for e in batch}:
-                request.compute_s += elapsed
-                request.batches += 1
-            for entry, output in zip(batch, outputs, strict=True):
-                request = entry.request
-                request.outputs[entry.index] = output
-                request.remaining -= 1
-                if request.remaining == 0 and request.started is not None:
-                    result = Completed(
-                        cast(list[R], list(request.outputs)),  # all filled by now
-                        request.started - request.submitted,
-                        request.compute_s,
-                        request.batches,
-                    )
-                    finished.append((request, result))
-        for request, result in finished:
-            with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
-                request.future.set_result(result)
+        deliver(self._record(batch, outputs, time.monotonic() - t0))
 
-    def _fail_batch(self, batch: list[_Entry[T, R]], exc: Exception) -> None:
+    def _call_model(self, batch: list[QueueEntry[T, R]]) -> list[R]:
+        items = [e.request.items[e.index] for e in batch]
+        outputs = list(self._fn(items))
+        if len(outputs) != len(items):
+            raise EngineFailure(f"engine returned {len(outputs)} results for a batch of {len(items)}")
+        return outputs
+
+    def _split(self, batch: list[QueueEntry[T, R]]) -> None:
+        """Out of device memory: lower the batch limit to the half that is tried next, run both halves."""
+        half = len(batch) // 2
+        with self._cond:
+            self._safe_size = min(self._safe_size, half)
+            self.observer.batch_split(self._safe_size)
+        log.warning("device out of memory on a batch of %d; retrying as %d + %d", len(batch), half,
+                    len(batch) - half)  # fmt: skip
+        self._compute(batch[:half])
+        self._compute(batch[half:])
+
+    def _record(self, batch: list[QueueEntry[T, R]], outputs: list[R], elapsed: float) -> Answers[T, R]:
+        """Book a computed batch: report it, update the rate, store its outputs in their requests; the
+        requests now complete are returned (to be answered outside the lock)."""
+        with self._cond:  # another worker may be finishing a batch of the same request right now
+            self.observer.batch_computed(len(batch), elapsed)
+            self.observer.images_done("scored", len(batch))
+            self._measure_rate(len(batch), elapsed)
+            return store_outputs(batch, outputs, elapsed)
+
+    def _measure_rate(self, images: int, elapsed: float) -> None:
+        """Moving average of one instance's images/s, the base of the Retry-After estimate."""
+        if elapsed > 0:
+            rate = images / elapsed
+            self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+
+    def _fail_batch(self, batch: list[QueueEntry[T, R]], exc: Exception) -> None:
         requests = {e.request for e in batch}
         log.error("batch of %d failed (%d requests): %s", len(batch), len(requests), exc,
                   exc_info=not isinstance(exc, DDMError))  # fmt: skip
-        self.metrics.images.labels(outcome="failed").inc(len(batch))
+        self.observer.images_done("failed", len(batch))
         error = exc if isinstance(exc, DDMError) else EngineFailure("the engine failed on this batch")
         for request in requests:
-            _settle(request.future, error)
-
-
-def _settle(future: Future[Completed[R]], exc: Exception) -> None:
-    """Fail a future unless it is already done (cancelled, answered, or failed by another batch)."""
-    with contextlib.suppress(InvalidStateError):
-        future.set_exception(exc)
-
-
-def _outcome(future: Future[Completed[R]]) -> str:
-    if future.cancelled():
-        return "cancelled"
-    return "expired" if isinstance(future.exception(), DeadlineExceeded) else "failed"
+            settle(request.future, error)

@@ -6,7 +6,11 @@ limited to those that exist on disk (profile names are validated and their count
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from app.service.batch_observer import ImageOutcome
 
 # Multi-second requests on CPU: buckets reach two minutes.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
@@ -34,15 +38,17 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
+        self._http_collectors(self.registry)
+        self._batch_collectors(self.registry)
+        self._device_collectors(self.registry)
+        self._verdict_collectors(self.registry)
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason=reason)
+
+    def _http_collectors(self, r: CollectorRegistry) -> None:
+        """Requests as the HTTP layer sees them: counts, refusals, latency, in flight."""
         self.requests = Counter(
             "anomaly_requests", "HTTP requests by route and status code", ["endpoint", "code"], registry=r
-        )
-        self.images = Counter(
-            "anomaly_images",
-            "Images by outcome (scored, refused, failed, cancelled, expired)",
-            ["outcome"],
-            registry=r,
         )
         self.refusals = Counter("anomaly_refusals", "Refused requests by reason", ["reason"], registry=r)
         self.request_latency = Histogram(
@@ -50,6 +56,20 @@ class Metrics:
             "End-to-end request latency",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inflight_requests = Gauge(
+            "anomaly_inflight_requests",
+            "HTTP requests being handled (health and metrics included)",
+            registry=r,
+        )
+
+    def _batch_collectors(self, r: CollectorRegistry) -> None:
+        """Images and batches as the batcher reports them (through :class:`BatchMetrics`)."""
+        self.images = Counter(
+            "anomaly_images",
+            "Images by outcome (scored, refused, failed, cancelled, expired)",
+            ["outcome"],
             registry=r,
         )
         self.queue_wait = Histogram(
@@ -68,11 +88,6 @@ class Metrics:
             "anomaly_batch_size", "Images per executed batch", buckets=BATCH_SIZE_BUCKETS, registry=r
         )
         self.queued_images = Gauge("anomaly_queue_images", "Images waiting in the queue", registry=r)
-        self.inflight_requests = Gauge(
-            "anomaly_inflight_requests",
-            "HTTP requests being handled (health and metrics included)",
-            registry=r,
-        )
         self.inflight_batches = Gauge("anomaly_inflight_batches", "Batches being computed", registry=r)
         self.safe_batch_size = Gauge(
             "anomaly_safe_batch_size", "Largest batch size known to fit device memory", registry=r
@@ -85,12 +100,25 @@ class Metrics:
         self.oom_splits = Counter(
             "anomaly_oom_splits", "Batches split after device out-of-memory", registry=r
         )
+
+    def _device_collectors(self, r: CollectorRegistry) -> None:
+        """The loaded model and the device it runs on."""
         self.device_memory = Gauge(
             "anomaly_device_memory_bytes",
             "Device memory (CUDA allocated/reserved; process RSS on CPU)",
             ["kind"],
             registry=r,
         )
+        self.model_info = Gauge(
+            "anomaly_model_info",
+            "Loaded model (value 1)",
+            ["model_id", "device", "dtype", "runtime", "method"],
+            registry=r,
+        )
+        self.ready = Gauge("anomaly_ready", "1 when the model is loaded and warmed up", registry=r)
+
+    def _verdict_collectors(self, r: CollectorRegistry) -> None:
+        """What the profiles judged: scores, verdicts, the expected false-positive rate."""
         self.scores = Histogram(
             "anomaly_score",
             "Anomaly scores (-log density) by profile",
@@ -106,16 +134,40 @@ class Metrics:
             ["profile"],
             registry=r,
         )
-        self.model_info = Gauge(
-            "anomaly_model_info",
-            "Loaded model (value 1)",
-            ["model_id", "device", "dtype", "runtime", "method"],
-            registry=r,
-        )
-        self.ready = Gauge("anomaly_ready", "1 when the model is loaded and warmed up", registry=r)
-        for reason in REFUSAL_REASONS:
-            self.refusals.labels(reason=reason)
 
     def refuse(self, reason: str) -> None:
         """Count a refusal; unknown reasons are folded into ``bad_input`` to keep labels bounded."""
         self.refusals.labels(reason=reason if reason in REFUSAL_REASONS else "bad_input").inc()
+
+
+class BatchMetrics:
+    """The batcher's events (:class:`app.service.batch_observer.BatchObserver`) as ``anomaly_*`` metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def configured(self, instances: int, safe_batch_size: int) -> None:
+        self.metrics.safe_batch_size.set(safe_batch_size)
+        self.metrics.model_instances.set(instances)
+
+    def queue_changed(self, queued_images: int) -> None:
+        self.metrics.queued_images.set(queued_images)
+
+    def images_done(self, outcome: ImageOutcome, count: int) -> None:
+        self.metrics.images.labels(outcome=outcome).inc(count)
+
+    def batch_started(self, queue_waits: Sequence[float]) -> None:
+        for wait in queue_waits:
+            self.metrics.queue_wait.observe(wait)
+        self.metrics.inflight_batches.inc()
+
+    def batch_computed(self, size: int, seconds: float) -> None:
+        self.metrics.batch_compute.observe(seconds)
+        self.metrics.batch_size.observe(size)
+
+    def batch_split(self, safe_batch_size: int) -> None:
+        self.metrics.safe_batch_size.set(safe_batch_size)
+        self.metrics.oom_splits.inc()
+
+    def batch_finished(self) -> None:
+        self.metrics.inflight_batches.dec()

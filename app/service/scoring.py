@@ -37,7 +37,7 @@ from app.errors import (
     ProfileMismatch,
 )
 from app.service.batcher import DynamicBatcher
-from app.service.metrics import Metrics
+from app.service.metrics import BatchMetrics, Metrics
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class ScoringService:
             max_batch_size=settings.max_batch_size,
             max_batch_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue_items=settings.max_queue_images,
-            metrics=metrics,
+            observer=BatchMetrics(metrics),
             instances=settings.model_instances,
         )
         self.state: State = "loading"
