@@ -6,7 +6,8 @@ reflect-padded so the map covers every pixel the Stein error covers.
 
 Speed: padding + an 11-tap blur along one axis is a fixed linear map, so for model-sized images
 (side <= ``MATRIX_BLUR_MAX_SIDE``) it is applied as one (side x side) matrix per axis. Two batched matmuls
-replace pad + two depthwise convolutions, which on CPU were ~15x slower (PERFORMANCE.md); the result is the
+replace pad + two depthwise convolutions, which on CPU were several times slower
+(docs/PERFORMANCE.md#limits-on-this-cpu-and-what-was-dropped); the result is the
 same up to float rounding (~1e-7). The trajectory's reference image x0 does not change between steps, so its
 blurred moments can be computed once per batch (``ssim_reference``) instead of once per step.
 """

@@ -61,8 +61,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> tuple[torch.dtype, torch.
     """(weight dtype, autocast dtype). Weights stay float32; reduced precision is autocast.
 
     CPU: float32 unless bfloat16 is asked for explicitly on a CPU with native bf16 (AVX-512 BF16 / AMX):
-    there it is ~1.5x faster on batches of 32 but slower on single images, and moves scores by a measured
-    small amount (PERFORMANCE.md), so it is opt-in. fp16 on CPU is refused (no fast kernels)."""
+    there it is faster on large batches but slower on single images, and moves scores a little
+    (docs/PERFORMANCE.md#runtimes), so it is opt-in. fp16 on CPU is refused (no fast kernels)."""
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     if dtype == "float32":
@@ -189,8 +189,9 @@ def load_model(
             f"{out_channels} output channels"
         )
     set_attention_heads(unet, sidecar.attention_heads)
-    # channels_last weights: oneDNN convolutions skip their NCHW reorders; measured 1.1-1.3x on the UNet
-    # alone on CPU (PERFORMANCE.md). Outputs stay correct in any layout; scores differ by float rounding.
+    # channels_last weights: oneDNN convolutions skip their NCHW reorders, measured faster on CPU
+    # (docs/PERFORMANCE.md#defaults-and-why). Outputs stay correct in any layout; scores differ by float
+    # rounding.
     memory_format = torch.channels_last if dev.type == "cpu" else torch.contiguous_format
     unet = unet.to(dev, memory_format=memory_format).eval().requires_grad_(False)
     scheduler_config = json.loads(scheduler_file.read_text())
