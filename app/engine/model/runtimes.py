@@ -3,11 +3,11 @@ load time to ONNX and run by ONNX Runtime (CPU, float32).
 
 Everything around the UNet (DDIM steps, SSIM, sums) stays in torch; only the K forward passes move. Why more
 than torch: on CPU the UNet's small GroupNorm/SiLU/add/concat operators cost a third of the time in eager mode
-and ONNX Runtime's graph runs them with far less per-operator overhead: the whole engine is 2.2-2.5x faster on
-single images, 1.3-2.1x at batch 4 and 1.0-1.1x at batch 32, with scores equal to 0.002 (PERFORMANCE.md,
-"runtimes"; OpenVINO was measured too and dropped there). The torch module stays loaded beside the session
-(benchmarks and FLOP counting use it), so the weights are held twice in memory. Each runtime is called from
-several batcher worker threads at once, so each is safe for concurrent calls.
+and ONNX Runtime's graph runs them with far less per-operator overhead: the whole engine is much faster on
+single images and about as fast on large batches, with the same scores to float rounding
+(docs/PERFORMANCE.md#runtimes; OpenVINO was measured too and dropped there). The torch module stays loaded
+beside the session (benchmarks and FLOP counting use it), so the weights are held twice in memory. Each
+runtime is called from several batcher worker threads at once, so each is safe for concurrent calls.
 """
 
 from __future__ import annotations
