@@ -14,6 +14,7 @@ from app.service.scoring import Engine, ScoringService
 from app.settings import Settings
 from app.web.errors import install_error_handlers
 from app.web.middleware import RequestContext
+from app.web.oip.errors import OipErrors
 from app.web.openapi import publish_limits
 from app.web.routes import docs, health, models, scoring, v2
 
@@ -55,7 +56,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         return settings.max_profile_upload_bytes if path == "/v1/profiles" else settings.max_upload_bytes
 
     app.add_middleware(RequestContext, metrics=metrics, body_limit=body_limit)
-    app.add_middleware(v2.OipErrors)  # outermost: /v2 error bodies in the protocol's shape
+    app.add_middleware(OipErrors)  # outermost: /v2 error bodies in the protocol's shape
     for module in (scoring, models, health, v2):
         app.include_router(module.router)
     docs.install(app)

@@ -37,74 +37,93 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
-        incoming = headers.get(REQUEST_ID_HEADER, "")
-        request_id = incoming if _CLIENT_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex[:16]
-        scope.setdefault("state", {})["request_id"] = request_id
+        exchange = _Exchange(scope, receive, send)
+        scope.setdefault("state", {})["request_id"] = exchange.request_id
         scope["state"]["received_at"] = time.monotonic()
         limit = self.body_limit(scope.get("path", ""))
-        status = 500
-        started = False
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise PayloadTooLarge(f"request body over the cap of {limit} bytes")
-            return message
-
-        async def tagged_send(message: Message) -> None:
-            nonlocal status, started
-            if message["type"] == "http.response.start":
-                started = True
-                status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-            await send(message)
-
         t0 = time.perf_counter()
         self.metrics.inflight_requests.inc()
         try:
-            if len(scope.get("headers", ())) > MAX_HEADER_FIELDS:
-                self.metrics.refuse("too_large")
-                message = f"more than {MAX_HEADER_FIELDS} header fields"
-                await error_response(431, "headers_too_large", message, request_id)(
-                    scope, receive, tagged_send
-                )
-                return
-            declared = _content_length(headers)
-            if declared is not None and declared > limit:
-                self.metrics.refuse("too_large")
-                log.info("refused %s -> 413: body of %d bytes over %d [request_id=%s]", scope.get("path"),
-                         declared, limit, request_id)  # fmt: skip
-                message = f"request body of {declared} bytes is over the cap of {limit} bytes"
-                await error_response(413, "too_large", message, request_id)(scope, receive, tagged_send)
-                return
-            await self.app(scope, limited_receive, tagged_send)
+            await self._serve(scope, receive, exchange, limit)
         except asyncio.CancelledError:
             # the server is stopping past its drain time and cancels what is left: answer in the API's
             # error shape rather than leave it to the server's plain-text 500
-            if not started:
+            if not exchange.started:
                 self.metrics.refuse("not_ready")
-                await error_response(503, "not_ready", "the service stopped before this request was answered",
-                                     request_id)(scope, receive, tagged_send)  # fmt: skip
+                await exchange.error(503, "not_ready", "the service stopped before this request was answered")
             raise
         except Exception:
-            log.exception("unhandled error on %s [request_id=%s]", scope.get("path"), request_id)
+            log.exception("unhandled error on %s [request_id=%s]", scope.get("path"), exchange.request_id)
             self.metrics.refuse("engine_error")
-            if not started:
-                await error_response(500, "internal", "internal error", request_id)(
-                    scope, receive, tagged_send
-                )
+            if not exchange.started:
+                await exchange.error(500, "internal", "internal error")
         finally:
             self.metrics.inflight_requests.dec()
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(endpoint=endpoint, code=str(status)).inc()
-            self.metrics.request_latency.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
+            self._count(scope, exchange.status, time.perf_counter() - t0)
+
+    async def _serve(self, scope: Scope, receive: Receive, exchange: _Exchange, limit: int) -> None:
+        """Refuse too many header fields or a declared body over the cap before reading anything; else run
+        the app with the body cap enforced as the body streams in."""
+        if len(scope.get("headers", ())) > MAX_HEADER_FIELDS:
+            self.metrics.refuse("too_large")
+            await exchange.error(431, "headers_too_large", f"more than {MAX_HEADER_FIELDS} header fields")
+            return
+        declared = _content_length(exchange.headers)
+        if declared is not None and declared > limit:
+            self.metrics.refuse("too_large")
+            log.info("refused %s -> 413: body of %d bytes over %d [request_id=%s]", scope.get("path"),
+                     declared, limit, exchange.request_id)  # fmt: skip
+            message = f"request body of {declared} bytes is over the cap of {limit} bytes"
+            await exchange.error(413, "too_large", message)
+            return
+        await self.app(scope, _capped_receive(receive, limit), exchange.send)
+
+    def _count(self, scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        self.metrics.requests.labels(endpoint=endpoint, code=str(status)).inc()
+        self.metrics.request_latency.labels(endpoint=endpoint).observe(seconds)
+
+
+class _Exchange:
+    """One request's id and what went back for it: every response carries the id, and the status sent
+    (500 until one is) is what the request is counted under."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope, self._receive, self._send = scope, receive, send
+        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        incoming = self.headers.get(REQUEST_ID_HEADER, "")
+        self.request_id = incoming if _CLIENT_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex[:16]
+        self.status = 500
+        self.started = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.status = message["status"]
+            message.setdefault("headers", [])
+            message["headers"] = [*message["headers"], (b"x-request-id", self.request_id.encode())]
+        await self._send(message)
+
+    async def error(self, status: int, code: str, message: str) -> None:
+        """Answer in the API's error shape (app/web/errors.py)."""
+        await error_response(status, code, message, self.request_id)(self.scope, self._receive, self.send)
+
+
+def _capped_receive(receive: Receive, limit: int) -> Receive:
+    """``receive`` that raises PayloadTooLarge as soon as the body read so far passes ``limit`` bytes."""
+    received = 0
+
+    async def limited_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise PayloadTooLarge(f"request body over the cap of {limit} bytes")
+        return message
+
+    return limited_receive
 
 
 def _content_length(headers: dict[str, str]) -> int | None:
