@@ -1,4 +1,5 @@
 """The batcher's contract (app/service/batcher.py docstring), with a fake scoring function and no model.
+What it reports goes to a recording observer; two tests check the service's Metrics-backed observer.
 
 A gate (threading.Event) holds the worker inside a batch so the tests decide what is queued meanwhile;
 with several model instances, barriers and events order the workers. Nothing here depends on how fast
@@ -419,23 +420,25 @@ def test_metrics_move_with_the_work(engine) -> None:
 def test_metrics_count_splits_refusals_and_instances() -> None:
     """The Metrics-backed observer puts the other events under their ``anomaly_*`` names."""
     engine = FakeEngine(oom_above=2)
-    b = with_metrics(engine, instances=2, max_batch_size=8, max_queue_items=8)
+    b = with_metrics(engine, instances=2, max_batch_size=8, max_queue_items=32)
     try:
         assert sample(b, "anomaly_model_instances") == 2 and sample(b, "anomaly_safe_batch_size") == 8
         assert b.submit(list(range(8))).result(WAIT).outputs == [2 * x for x in range(8)]
         assert sample(b, "anomaly_safe_batch_size") == 2
-        assert sample(b, "anomaly_oom_splits_total") >= 2
-        with pytest.raises(PayloadTooLarge):
-            b.submit(list(range(9)))
-        engine.hold()
-        running = b.submit([1])
-        assert engine.entered.wait(WAIT)
-        b.submit(list(range(7)))  # 7 of 8 queued while the only batch that fits is held
+        assert sample(b, "anomaly_oom_splits_total") >= 2  # 8 -> 4+4 -> 2+2+2+2
+    finally:
+        b.close(timeout=WAIT)
+    engine = FakeEngine()
+    b = with_metrics(engine)
+    try:
+        running = busy(engine, b)  # the only worker held: nothing leaves the queue meanwhile
+        queued = b.submit(list(range(12)))
         with pytest.raises(Overloaded):
-            b.submit([1, 2])
-        assert sample(b, "anomaly_images_total", outcome="refused") == 2
+            b.submit(list(range(5)))  # 12 + 5 > 16
+        assert sample(b, "anomaly_images_total", outcome="refused") == 5
+        assert sample(b, "anomaly_queue_images") == 12
         engine.gate.set()
-        assert running.result(WAIT).outputs == [2]
+        assert running.result(WAIT).outputs == [-2] and len(queued.result(WAIT).outputs) == 12
     finally:
         engine.gate.set()
         b.close(timeout=WAIT)
