@@ -1,13 +1,21 @@
-"""Settings -> engine and method options: what every entry point (``serve`` and the offline commands) builds
-from a deployment's settings. It lives outside ``app.service`` so that the offline CLI loads a model without
-importing the HTTP data plane."""
+"""What every entry point (``serve`` and the offline commands) builds from a deployment's settings: the
+engine and its method options, and the process's thread policy. It lives outside ``app.service`` so that
+the offline CLI loads a model without importing the HTTP data plane."""
 
 from __future__ import annotations
 
+import logging
+
+import torch
+
+from app.engine.model.loading import ModelLoadError, resolve_device, resolve_dtype
+from app.engine.model.runtimes import RuntimeUnavailable, choose_runtime, torch_threads_beside
 from app.engine.preprocessing import DecodeLimits
 from app.engine.scorer import Scorer
 from app.engine.types import MethodOptions
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def options_from_settings(settings: Settings, method: str | None = None) -> MethodOptions:
@@ -33,3 +41,27 @@ def engine_from_settings(settings: Settings, options: MethodOptions | None = Non
             max_pixels=settings.max_image_pixels, allowed_formats=tuple(settings.allowed_formats)
         ),
     )
+
+
+def set_torch_threads(threads: int | None) -> int:
+    """Torch's intra-op threads for this process: ``threads``, or torch's own choice (one per physical core)
+    when None. The count is process-wide, so each entry point sets it once at start-up, before model work."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def apply_thread_policy(settings: Settings) -> int:
+    """Torch's threads for a process that scores with ``settings`` (``serve`` and the scoring commands call
+    this once at start-up; the engine never changes them): ``torch_threads`` (default torch's choice) when
+    torch computes the UNet, one when the UNet runs in ONNX Runtime's own pool, which ``torch_threads`` sizes
+    instead and which then needs the cores (runtimes.torch_threads_beside). Returns torch's count."""
+    threads = set_torch_threads(settings.torch_threads)
+    try:
+        device = resolve_device(settings.device)
+        runtime = choose_runtime(settings.runtime, device, resolve_dtype(settings.dtype, device)[1])
+    except (ModelLoadError, RuntimeUnavailable):
+        return threads  # loading the model reports the bad setting
+    torch.set_num_threads(torch_threads_beside(runtime, threads))
+    log.info("torch uses %d thread(s); the UNet runs in %s", torch.get_num_threads(), runtime)
+    return torch.get_num_threads()

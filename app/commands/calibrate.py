@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from app.bootstrap import apply_thread_policy
 from app.commands.common import add_engine_args, load_scorer, profiles_dir, settings_from_args
 from app.engine.calibration import fit_profile
 from app.engine.profile_store import ProfileStore, validate_profile_name
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     validate_profile_name(args.name)
     settings = settings_from_args(args)
+    apply_thread_policy(settings)
     scorer = load_scorer(settings)
     paths = [
         p for folder in args.images for p in list_images(folder, args.limit, seed=0 if args.limit else None)

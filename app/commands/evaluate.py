@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.bootstrap import options_from_settings
+from app.bootstrap import apply_thread_policy, options_from_settings
 from app.commands.common import add_engine_args, load_scorer, settings_from_args
 from app.engine.calibration import fit_profile
 from app.engine.scorer import Scorer
@@ -99,6 +99,7 @@ def cache_file(
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    apply_thread_policy(settings)
     scorer = load_scorer(settings, options_from_settings(settings, args.methods[0]))
     id_name = args.id_name or args.id.name
     id_paths, fit_paths = split_id_and_fit(args)

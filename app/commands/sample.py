@@ -33,13 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from app.bootstrap import set_torch_threads
     from app.training import ddim_sample, load_model_dir, save_grid
     from app.training.loop import resolve_device
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     if args.n < 1 or args.steps < 1 or args.scale < 1:
         logger.error("--n, --steps and --scale must be >= 1")
         return 2

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from app.bootstrap import apply_thread_policy
 from app.commands.common import add_engine_args, load_scorer, profiles_dir, settings_from_args
 from app.engine.profile_store import ProfileStore
 from app.errors import InvalidInput
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    apply_thread_policy(settings)
     scorer = load_scorer(settings)
     store = ProfileStore(profiles_dir(settings), scorer.info.model_id, scorer.options)
     profile = store.get(args.profile or settings.default_profile)

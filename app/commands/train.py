@@ -93,7 +93,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from app.bootstrap import set_torch_threads
     from app.training import TrainConfig, train  # heavy imports only when the command runs
+
+    set_torch_threads(args.threads)
 
     config = TrainConfig(
         images=list(args.images),

@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 
 from app.engine.model.loading import LoadedModel, load_model
-from app.engine.model.runtimes import torch_threads_beside
 from app.engine.model.sidecar import InputTransform
 from app.engine.preprocessing import DecodeLimits, PreparedImage, decode_image, prepare
 from app.engine.statistics import BatchStats, batch_statistics
@@ -57,9 +56,10 @@ class Scorer:
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def load(self, warmup_batch: int = 2) -> None:
-        """Load weights onto the device and run one warm-up batch (first-call allocations, kernels)."""
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
+        """Load weights onto the device and run one warm-up batch (first-call allocations, kernels).
+
+        Torch's own thread count is process-wide and left as it is: the entry point sets it once at start-up
+        (app/bootstrap.py); ``torch_threads`` sizes an exported runtime's pool."""
         self._model = load_model(
             self.model_dir,
             self.device_name,
@@ -69,8 +69,6 @@ class Scorer:
         )
         # how uploads become this model's input (crop, filter) is the model's own: its folder's sidecar
         self._transform = self._model.sidecar.input_transform
-        # torch keeps only the light trajectory maths when the UNet runs in another runtime's pool
-        torch.set_num_threads(torch_threads_beside(self._model.runtime, torch.get_num_threads()))
         if warmup_batch > 0:
             size = self._model.info.sample_size
             blank = torch.zeros(self._model.info.in_channels, size, size)

@@ -12,6 +12,7 @@ runtime is called from several batcher worker threads at once, so each is safe f
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 import time
@@ -160,12 +161,27 @@ class OnnxRuntime:
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
-def torch_threads_beside(runtime: NoiseRuntime, threads: int) -> int:
-    """Torch's intra-op threads next to ``runtime`` when the UNet gets ``threads``: all of them for torch
-    itself; one when the UNet runs in another runtime's own pool, which then needs the cores. Two spinning
-    pools on the same cores slow each other down: ONNX Runtime on 2 threads with torch on 2 scored 5.9 /
-    16.2 images/s at batch 1 / 32, with torch on 1 thread 11.3 / 20.9 (PERFORMANCE.md, "runtimes")."""
-    return threads if runtime.name == "torch" else 1
+def torch_threads_beside(runtime: NoiseRuntime | str, threads: int) -> int:
+    """Torch's intra-op threads next to ``runtime`` (or its name) when the UNet gets ``threads``: all of them
+    for torch itself; one when the UNet runs in another runtime's own pool, which then needs the cores. Two
+    spinning pools on the same cores slow each other down: ONNX Runtime on 2 threads with torch on 2 scored
+    5.9 / 16.2 images/s at batch 1 / 32, with torch on 1 thread 11.3 / 20.9 (PERFORMANCE.md, "runtimes").
+    Torch's count is process-wide, so the entry points set it once at start-up (app/bootstrap.py)."""
+    name = runtime if isinstance(runtime, str) else runtime.name
+    return threads if name == "torch" else 1
+
+
+def choose_runtime(name: str, device: torch.device, autocast_dtype: torch.dtype | None) -> str:
+    """The runtime ``build_runtime`` builds for ``name`` on ``device``, decided before anything is loaded:
+    ``auto`` = onnxruntime for float32 on CPU when it is installed, else torch. (``auto`` still falls back
+    to torch if the export itself fails, which only loading can tell.)"""
+    if name not in RUNTIMES:
+        raise RuntimeUnavailable(f"unknown runtime {name!r}; one of {', '.join(RUNTIMES)}")
+    if name == "torch" or (name == "auto" and (device.type != "cpu" or autocast_dtype is not None)):
+        return "torch"
+    if name == "auto" and importlib.util.find_spec("onnxruntime") is None:
+        return "torch"
+    return "onnxruntime"
 
 
 def build_runtime(
@@ -184,9 +200,11 @@ def build_runtime(
     ``timestep_scale`` and ``epsilon_channels`` are the model folder's calling convention (sidecar.py): the
     network receives ``t * timestep_scale`` and only its first ``epsilon_channels`` outputs are returned.
     The defaults are a plain diffusers model, called exactly as before either existed."""
-    if name not in RUNTIMES:
-        raise RuntimeUnavailable(f"unknown runtime {name!r}; one of {', '.join(RUNTIMES)}")
-    if name == "torch" or (name == "auto" and (device.type != "cpu" or autocast_dtype is not None)):
+    if choose_runtime(name, device, autocast_dtype) == "torch":
+        if name == "auto" and device.type == "cpu" and autocast_dtype is None:
+            log.warning(
+                "runtime auto: onnxruntime is not installed (pip install onnxruntime onnx); using torch"
+            )
         return TorchRuntime(
             unet, autocast_dtype, device, timestep_scale=timestep_scale, epsilon_channels=epsilon_channels
         )
