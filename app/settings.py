@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         256 * 1024 * 1024, ge=1024, description="body cap of POST /v1/profiles (many reference images)"
     )
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding uploads and encoding heat maps")
+    max_decode_queue_images: int = Field(
+        256,
+        ge=1,
+        description="images admitted for decoding at a time (waiting or being decoded, across requests); "
+        "a request that does not fit is refused with 503 queue_full and Retry-After",
+    )
     heatmap_max_side: int = Field(1024, ge=16, description="longest side of a returned heat-map PNG")
     allowed_formats: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"]
@@ -99,6 +105,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text lines, or JSON lines (one object per record: time, level, logger, message, "
+        "request_id) for log pipelines",
+    )
     drain_timeout_s: float = Field(30.0, ge=0.0, description="how long SIGTERM waits for accepted work")
     keep_alive_timeout_s: float = Field(
         75.0,

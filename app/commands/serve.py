@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SERVE_FLAGS = (
     "host", "port", "model_dir", "profiles_dir", "device", "dtype", "runtime", "method", "steps",
     "aggregation", "trajectory", "max_batch_size", "max_batch_delay_ms", "torch_threads", "model_instances",
-    "log_level",
+    "log_level", "log_format",
 )  # fmt: skip
 
 
@@ -72,11 +72,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings | None:
 
 def serve_app(app: FastAPI, settings: Settings) -> int:
     """Run ``app`` under uvicorn until a signal has drained it; 0 when it started and stopped cleanly."""
-    from app import log_escaping
-    from app.bootstrap import apply_thread_policy
+    from app import log_format
     from app.web.http_limits import bounded_http_protocol
 
-    apply_thread_policy(settings)  # once, before the lifespan loads the model
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -89,7 +87,7 @@ def serve_app(app: FastAPI, settings: Settings) -> int:
         http=bounded_http_protocol(lambda: app.state.metrics.refuse("too_large")),
     )
     logging.getLogger("uvicorn.access").addFilter(RedactQuerySecrets())  # after uvicorn set up logging
-    log_escaping.install("uvicorn", "uvicorn.error", "uvicorn.access")
+    log_format.configure(settings.log_format, "uvicorn", "uvicorn.error", "uvicorn.access")
     server = DrainingServer(
         config, on_signal=app.state.service.begin_drain, delay_s=settings.shutdown_delay_s
     )

@@ -12,8 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, Protocol, TypeVar
@@ -37,6 +36,7 @@ from app.errors import (
     ProfileMismatch,
 )
 from app.service.batcher import DynamicBatcher
+from app.service.decode_queue import DecodeQueue
 from app.service.metrics import BatchMetrics, Metrics
 from app.settings import Settings
 
@@ -97,7 +97,7 @@ class ScoringService:
         self.failure: str | None = None
         self._profiles: ProfileStore | None = None
         self._creating: set[str] = set()  # casefolded names of profiles being fitted (event loop only)
-        self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self._decoder = DecodeQueue(settings.decode_threads, settings.max_decode_queue_images)
         self._loader: threading.Thread | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ class ScoringService:
         drained = await asyncio.to_thread(self.batcher.close, True, self.settings.drain_timeout_s)
         if not drained:
             log.error("drain timeout (%.0f s) passed with work left", self.settings.drain_timeout_s)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._decoder.close()
         self.state = "stopped"
 
     def admit(self) -> None:
@@ -214,13 +214,12 @@ class ScoringService:
         pngs: list[bytes | None] = [None] * len(prepared)
         if explain:
             side = self.settings.heatmap_max_side
-            pngs = list(
-                await asyncio.gather(
-                    *(self._in_pool(partial(heatmap_png, box=p.crop_box, max_side=side), s.heatmap,
-                                    p.source_size)
-                      for s, p in zip(done.outputs, prepared, strict=True))
-                )
-            )  # fmt: skip
+            jobs = [partial(heatmap_png, s.heatmap, p.source_size, box=p.crop_box, max_side=side)
+                    for s, p in zip(done.outputs, prepared, strict=True)]  # fmt: skip
+            pngs = await self._decoder.run(jobs, bounded=False)  # admitted work: never refused now
+            for png in pngs:
+                if isinstance(png, BaseException):
+                    raise png
         self._count_verdicts(calibration.name, verdicts)
         self.metrics.profile_default_fpr.labels(profile=calibration.name).set(calibration.default_fpr)
         results = [
@@ -246,17 +245,16 @@ class ScoringService:
     async def _decode_all(
         self, images: Sequence[tuple[str, bytes]], deadline: float | None = None
     ) -> list[PreparedImage]:
-        """Decode on the pool, within the request's pixel budget and deadline: past it the request gets
-        its 504 on time (a decode already running finishes on its thread; its result is dropped)."""
-        sizes = await asyncio.gather(*(self._in_pool(declared_pixels, data) for _, data in images))
+        """Decode on the decode queue (503 when it is full), within the request's pixel budget and
+        deadline: past it the request gets its 504 on time; its images still waiting are dropped (one
+        already decoding finishes on its thread, its result unused)."""
+        sizes = await asyncio.to_thread(lambda: [declared_pixels(data) for _, data in images])  # headers
         if sum(sizes) > self.settings.max_request_pixels:
             raise PayloadTooLarge(
                 f"{sum(sizes)} pixels in one request; at most {self.settings.max_request_pixels} "
                 "(DDM_MAX_REQUEST_PIXELS)"
             )
-        decoding = asyncio.gather(
-            *(self._in_pool(self.engine.decode, data) for _, data in images), return_exceptions=True
-        )
+        decoding = self._decoder.run([partial(self.engine.decode, data) for _, data in images])
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             results = await asyncio.wait_for(decoding, timeout)
@@ -268,9 +266,6 @@ class ScoringService:
             if isinstance(result, BaseException):
                 raise result
         return [r for r in results if isinstance(r, PreparedImage)]
-
-    async def _in_pool(self, fn: Callable[..., V], *args: Any) -> V:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # --- profiles and metadata ----------------------------------------------------------------------
     async def create_profile(
@@ -311,16 +306,12 @@ class ScoringService:
         overwrite: bool,
         source: str,
     ) -> Profile:
-        chunk = max(1, min(self.settings.max_batch_size, self.settings.max_queue_images // 2))
+        chunk = max(1, min(self.settings.max_batch_size, self.settings.max_queue_images // 2,
+                           self.settings.max_decode_queue_images))  # fmt: skip
         features: list[np.ndarray] = []
         for start in range(0, len(images), chunk):  # a chunk at a time: shares the queue with scoring
-            prepared = await self._decode_all(images[start : start + chunk])
-            while True:  # an admin job waits for room instead of failing half-way through
-                try:
-                    done = await self.batcher.run(prepared)
-                    break
-                except Overloaded as exc:
-                    await asyncio.sleep(min(exc.retry_after_s, 5.0))
+            prepared = await _when_room(partial(self._decode_all, images[start : start + chunk]))
+            done = await _when_room(partial(self.batcher.run, prepared))
             features.extend(s.features for s in done.outputs)
         info = self.engine.info
         profile = await asyncio.to_thread(
@@ -377,3 +368,13 @@ class ScoringService:
         if self.engine.ready:
             for kind, value in self.engine.memory().items():
                 self.metrics.device_memory.labels(kind=kind).set(value)
+
+
+async def _when_room(attempt: Callable[[], Awaitable[V]]) -> V:
+    """Run ``attempt`` until a queue has room: an admin job (a profile's images) waits instead of failing
+    half-way through."""
+    while True:
+        try:
+            return await attempt()
+        except Overloaded as exc:
+            await asyncio.sleep(min(exc.retry_after_s, 5.0))

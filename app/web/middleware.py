@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import log_format
 from app.errors import PayloadTooLarge
 from app.service.metrics import Metrics
 from app.web.errors import error_response
@@ -41,6 +42,7 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = exchange.request_id
         scope["state"]["received_at"] = time.monotonic()
         limit = self.body_limit(scope.get("path", ""))
+        logged_as = log_format.request_id.set(exchange.request_id)  # every log line on its behalf
         t0 = time.perf_counter()
         self.metrics.inflight_requests.inc()
         try:
@@ -60,6 +62,7 @@ class RequestContext:
         finally:
             self.metrics.inflight_requests.dec()
             self._count(scope, exchange.status, time.perf_counter() - t0)
+            log_format.request_id.reset(logged_as)
 
     async def _serve(self, scope: Scope, receive: Receive, exchange: _Exchange, limit: int) -> None:
         """Refuse too many header fields or a declared body over the cap before reading anything; else run
