@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.engine.methods import names as method_names
+
 DEFAULT_MODEL_DIR = Path("model_store/celeba32-ref")
 
 
@@ -27,7 +29,9 @@ class Settings(BaseSettings):
         description="what computes the UNet: torch, or onnxruntime (the UNet exported to ONNX at start-up; "
         "CPU, float32); auto = onnxruntime for float32 on CPU, else torch",
     )
-    method: Literal["diffpath-v2", "diffpath-6d", "diffpath-1d", "reconstruction"] = "diffpath-v2"
+    method: str = Field(
+        "diffpath-v2", description="scoring method: a registered one (app/engine/methods; see METHOD.md)"
+    )
     steps: int = Field(10, ge=2, le=1000, description="trajectory steps K (UNet evaluations per image)")
     aggregation: Literal["sum", "per-step"] = Field(
         "per-step",
@@ -124,6 +128,13 @@ class Settings(BaseSettings):
         description="after SIGTERM, keep listening this long with /readyz at 503 (new work refused) so load "
         "balancers stop routing here, then drain and exit",
     )
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, value: str) -> str:
+        if value not in method_names():
+            raise ValueError(f"unknown method {value!r}; registered: {', '.join(method_names())}")
+        return value
 
     @field_validator("allowed_formats", mode="before")
     @classmethod

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.engine.calibration import fit_profile
+from app.engine.calibration.fit import fit_profile
+from app.engine.methods.diffpath_v2 import amplified_error
+from app.engine.methods.path_sums import PathAccumulator, stein_error
 from app.engine.scorer import Scorer
 from app.engine.ssim import ssim_map
-from app.engine.statistics import PathAccumulator, amplified_error, stein_error
 from app.engine.trajectory import content_noise, trajectory_grid, walk
 from app.engine.types import MethodOptions
 from app.offline.datasets import list_images

@@ -64,7 +64,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "ssim-lambda-ignored",
-        "app/engine/statistics.py",
+        "app/engine/methods/diffpath_v2.py",
         "return 1.0 + options.ssim_lambda * dissimilarity",
         "return 1.0 + dissimilarity",
         ("tests/test_engine_math.py", GOLDENS),
@@ -73,12 +73,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "in-sample-thresholds",
-        "app/engine/calibration.py",
+        "app/engine/calibration/thresholds.py",
         "    for train_idx, test_idx in splitter.split(features):\n"
-        "        fold_density = density_cls.fit(features[train_idx], **kwargs)\n"
-        "        held_out[test_idx] = -fold_density.log_density(features[test_idx])\n"
-        "    density = density_cls.fit(features, **kwargs)\n",
-        "    density = density_cls.fit(features, **kwargs)\n    held_out = -density.log_density(features)\n",
+        "        fold_density = density_cls.fit(features[train_idx], **density_kwargs)\n"
+        "        held_out[test_idx] = -fold_density.log_density(features[test_idx])\n",
+        "    held_out = -density_cls.fit(features, **density_kwargs).log_density(features)\n",
         ("tests/test_calibration.py", GOLDENS),
         "thresholds from in-sample instead of cross-fitted scores",
         listed=True,
@@ -147,7 +146,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "per-step-no-log",
-        "app/engine/statistics.py",
+        "app/engine/methods/path_sums.py",
         ".clamp_min(ENERGY_FLOOR).log()",
         ".clamp_min(ENERGY_FLOOR)",
         (GOLDENS,),
@@ -155,7 +154,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "sigma-scaling-squared",
-        "app/engine/statistics.py",
+        "app/engine/methods/path_sums.py",
         "error = error / (1 - step.abar).sqrt()",
         "error = error / (1 - step.abar)",
         (GOLDENS,),
@@ -171,7 +170,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "scaler-jacobian-dropped",
-        "app/engine/calibration.py",
+        "app/engine/calibration/density.py",
         "return logsumexp(np.stack(log_probs, axis=1), axis=1) - np.log(self.scale).sum()",
         "return logsumexp(np.stack(log_probs, axis=1), axis=1)",
         (GOLDENS,),
@@ -179,7 +178,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "conformal-rank",
-        "app/engine/calibration.py",
+        "app/engine/calibration/thresholds.py",
         "rank = math.ceil((n + 1) * (1 - fpr))",
         "rank = math.ceil(n * (1 - fpr))",
         ("tests/test_calibration.py", GOLDENS),
@@ -187,7 +186,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "p-value-not-conformal",
-        "app/engine/calibration.py",
+        "app/engine/calibration/thresholds.py",
         "p_value = (1 + len(cal) - below) / (len(cal) + 1)",
         "p_value = (len(cal) - below) / len(cal)",
         ("tests/test_calibration.py", GOLDENS),

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.engine.calibration import fit_profile
+from app.engine.calibration.fit import fit_profile
 from app.engine.model.runtimes import build_runtime
 from app.engine.scorer import Scorer
 

@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.engine.calibration import fit_profile
+from app.engine.calibration.fit import fit_profile
 from app.settings import Settings
 from app.web.app import create_app
 from tests.helpers import metric_value, until

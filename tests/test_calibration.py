@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.engine.calibration import (
-    GaussianMixtureDensity,
-    Profile,
-    conformal_threshold,
-    fit_profile,
-)
-from app.engine.profile_store import ProfileStore, validate_profile_name
+from app.engine.calibration import profile as profile_module
+from app.engine.calibration.density import GaussianMixtureDensity
+from app.engine.calibration.fit import fit_profile
+from app.engine.calibration.profile import Profile
+from app.engine.calibration.store import ProfileStore, validate_profile_name
+from app.engine.calibration.thresholds import conformal_threshold
 from app.engine.types import ImageStats, MethodOptions
 from app.errors import InvalidInput, ProfileMismatch, ProfileNotFound
 
@@ -137,7 +136,7 @@ def test_thresholds_come_from_cross_fitted_scores_not_in_sample() -> None:
     this data, 0.005 cross-fitted)."""
     from sklearn.model_selection import KFold
 
-    from app.engine.calibration import RANDOM_STATE
+    from app.engine.calibration.density import RANDOM_STATE
 
     f = normal_features(40, seed=3)
     profile = fit_profile("p", f, model_id="m@1", options=OPTIONS, fprs=(0.05,))
@@ -152,3 +151,26 @@ def test_thresholds_come_from_cross_fitted_scores_not_in_sample() -> None:
     assert profile.calibration_scores.mean() > in_sample.mean() + 0.5  # held out = worse fit than in sample
     fresh = profile.score(normal_features(4000, seed=9))
     assert (fresh > profile.threshold).mean() <= 0.05  # the stated rate holds (in-sample thresholds: 0.10)
+
+
+def test_an_older_profile_format_is_upgraded_and_a_newer_one_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """How a profile field is added: FORMAT_VERSION goes up and MIGRATIONS gives documents of the older
+    version the field's "absent" value, so profiles written before keep loading."""
+    data = fit_profile("p", normal_features(40), model_id="m@1", options=OPTIONS, source="").to_dict()
+    assert data["format_version"] == profile_module.FORMAT_VERSION == 1
+    monkeypatch.setattr(profile_module, "FORMAT_VERSION", 2)
+    monkeypatch.setitem(profile_module.MIGRATIONS, 1, lambda d: {**d, "source": "from format 1"})
+    upgraded = Profile.from_dict(data)
+    assert upgraded.source == "from format 1" and upgraded.to_dict()["format_version"] == 2
+    np.testing.assert_array_equal(upgraded.calibration_scores, data["calibration_scores"])
+    for version in (3, 0, "1", None):
+        with pytest.raises(ProfileMismatch, match="format"):
+            Profile.from_dict({**data, "format_version": version})
+
+
+def test_a_profile_must_use_its_methods_density() -> None:
+    data = fit_profile("p", normal_features(40), model_id="m@1", options=OPTIONS).to_dict()
+    with pytest.raises(ProfileMismatch, match="unknown method"):
+        Profile.from_dict({**data, "options": {**data["options"], "method": "no-such-method"}})
+    with pytest.raises(ProfileMismatch, match="uses gmm"):
+        Profile.from_dict({**data, "density": {"kind": "direct"}})

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine.calibration import Profile, fit_profile
+from app.engine.calibration.fit import fit_profile
+from app.engine.calibration.profile import Profile
 from app.engine.model.loading import LoadedModel
 from app.engine.statistics import path_statistics
 from app.engine.trajectory import (

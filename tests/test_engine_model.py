@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine.calibration import Profile, fit_profile
+from app.engine.calibration.fit import fit_profile
+from app.engine.calibration.profile import Profile
 from app.engine.model.loading import ModelLoadError, load_model
 from app.engine.preprocessing import PreparedImage
 from app.engine.scorer import Scorer

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.engine.calibration import Profile
-from app.engine.types import METHODS
+from app.engine.calibration.profile import Profile
+from app.engine.methods import METHODS
 from tests.goldens import compute
 
 FEATURE_TOL = {"rtol": 1e-4, "atol": 1e-5}

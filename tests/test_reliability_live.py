@@ -33,7 +33,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.engine.calibration import fit_profile
+from app.engine.calibration.fit import fit_profile
 from app.engine.types import MethodOptions
 from tests import hostile_media as media
 from tests.conftest import LiveServer

@@ -33,9 +33,9 @@ from packaging.utils import canonicalize_name
 
 import app.web.deps as deps
 from app.commands.serve import RedactQuerySecrets
-from app.engine.calibration import fit_profile
+from app.engine.calibration.fit import fit_profile
+from app.engine.calibration.store import MAX_PROFILES, ProfileStore, validate_profile_name
 from app.engine.model.loading import ModelLoadError, load_model
-from app.engine.profile_store import MAX_PROFILES, ProfileStore, validate_profile_name
 from app.engine.types import MethodOptions
 from app.errors import InvalidInput, PayloadTooLarge
 from app.settings import Settings

@@ -8,8 +8,8 @@ import sys
 
 from app.bootstrap import apply_thread_policy
 from app.commands.common import add_engine_args, load_scorer, profiles_dir, settings_from_args
-from app.engine.calibration import fit_profile
-from app.engine.profile_store import ProfileStore, validate_profile_name
+from app.engine.calibration.fit import fit_profile
+from app.engine.calibration.store import ProfileStore, validate_profile_name
 from app.offline.datasets import feature_matrix, folder_statistics, list_images
 
 

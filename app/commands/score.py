@@ -9,7 +9,7 @@ from pathlib import Path
 
 from app.bootstrap import apply_thread_policy
 from app.commands.common import add_engine_args, load_scorer, profiles_dir, settings_from_args
-from app.engine.profile_store import ProfileStore
+from app.engine.calibration.store import ProfileStore
 from app.errors import InvalidInput
 
 

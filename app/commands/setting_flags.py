@@ -14,11 +14,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from app.engine.methods import names as method_names
 from app.settings import Settings
 
 
 def choices(field: str) -> tuple[str, ...] | None:
-    """The Literal values a setting allows (None when it is not a Literal)."""
+    """The values a setting allows: the method registry's names for ``method`` (methods are plug-ins, not a
+    Literal), a Literal's values, else None."""
+    if field == "method":
+        return method_names()
     annotation = Settings.model_fields[field].annotation
     if typing.get_origin(annotation) is typing.Literal:
         return tuple(typing.get_args(annotation))

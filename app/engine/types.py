@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-MethodName = Literal["diffpath-v2", "diffpath-6d", "diffpath-1d", "reconstruction"]
-METHODS: tuple[MethodName, ...] = ("diffpath-v2", "diffpath-6d", "diffpath-1d", "reconstruction")
+# A registered method's name: the methods are plug-ins (app.engine.methods: ``names()`` lists them,
+# ``get(name)`` describes one), checked where settings and profiles are read.
+MethodName = str
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,16 @@ class MethodOptions:
     mixture_max_components: int = 8
     covariance_type: Literal["full", "diag", "tied", "spherical", "auto"] = "full"
     # Added to the diagonal of each standardised covariance (shrinkage towards independent features).
-    # None = by aggregation: 19 per-step energies from a few dozen images give a near-singular covariance
-    # whose scores blow up and swing with float rounding, and 0.1 detects as well or better at every
-    # calibration size measured; the six sums lose a little with it, so they keep 1e-4 (ACCURACY.md).
+    # None = the method's default (``Method.default_covariance_reg``; path methods: by aggregation).
     covariance_reg: float | None = None
 
     def density_reg(self) -> float:
         if self.covariance_reg is not None:
             return self.covariance_reg
-        return (
-            0.1 if self.aggregation == "per-step" and self.method in ("diffpath-v2", "diffpath-6d") else 1e-4
-        )
+        # imported here: the registry's methods import this module (types is the engine's bottom layer)
+        from app.engine.methods import get
+
+        return get(self.method).default_covariance_reg(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -20,10 +20,12 @@ from typing import Any, Literal, Protocol, TypeVar
 import numpy as np
 
 from app.bootstrap import engine_from_settings
-from app.engine.calibration import DEFAULT_FPRS, Profile, fit_profile, validate_fprs
+from app.engine.calibration.fit import fit_profile
+from app.engine.calibration.profile import Profile
+from app.engine.calibration.store import ProfileStore, validate_profile_name
+from app.engine.calibration.thresholds import DEFAULT_FPRS, validate_fprs
 from app.engine.explain import heatmap_png
 from app.engine.preprocessing import PreparedImage, declared_pixels
-from app.engine.profile_store import ProfileStore, validate_profile_name
 from app.engine.types import ImageStats, MethodOptions, ModelInfo, Verdict
 from app.errors import (
     DeadlineExceeded,

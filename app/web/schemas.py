@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.engine.calibration import MAX_FPRS
-from app.engine.profile_store import PROFILE_NAME
+from app.engine.calibration.store import PROFILE_NAME
+from app.engine.calibration.thresholds import MAX_FPRS
 
 # The exact rules the handlers apply, published so generated clients can check before sending
 # (docs/API.md, "Limits"). Image-count caps depend on settings and are filled in by ``app.web.openapi``.

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from app.engine.types import METHODS, MethodOptions
+from app.engine.methods import METHODS
+from app.engine.types import MethodOptions
 
 GOLDENS = Path(__file__).resolve().parent
 IMAGES = GOLDENS / "images"
@@ -100,7 +101,7 @@ def inputs_section(scorer: Any) -> dict[str, Any]:
 
 def runtime_section(scorer: Any) -> dict[str, Any]:
     """Every method's features (one batch of all images) and the default profile's verdicts."""
-    from app.engine.calibration import Profile
+    from app.engine.calibration.profile import Profile
 
     names = [p.name for p in image_files()]
     images = [scorer.decode(p.read_bytes()) for p in image_files()]
@@ -181,7 +182,7 @@ CALIBRATION_CASES: dict[str, dict[str, Any]] = {
 
 
 def calibration_case(features: np.ndarray, overrides: dict[str, Any]) -> dict[str, Any]:
-    from app.engine.calibration import fit_profile
+    from app.engine.calibration.fit import fit_profile
 
     options = MethodOptions(**overrides)
     columns = 1 if options.method == "diffpath-1d" else features.shape[1]

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from app.engine.calibration import DEFAULT_FPRS, MAX_FPRS
+from app.engine.calibration.thresholds import DEFAULT_FPRS, MAX_FPRS
 from app.errors import InvalidInput, Unauthorized
 from app.web.deps import AdminAccess, Admission, ClientAccess, KeyAccess, ServiceDep, SettingsDep
 from app.web.errors import error_responses

@@ -8,7 +8,7 @@ import re
 import threading
 from pathlib import Path
 
-from app.engine.calibration import TEMP_SUFFIX, Profile
+from app.engine.calibration.profile import TEMP_SUFFIX, Profile
 from app.engine.types import MethodOptions
 from app.errors import InvalidInput, PayloadTooLarge, ProfileConflict, ProfileMismatch, ProfileNotFound
 

@@ -1,0 +1,59 @@
+"""Fit a calibration profile on the features of normal images: the method's density (from the method
+registry, ``app.engine.methods``) on all of them, thresholds from cross-fitted scores (thresholds.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from app.engine.calibration.profile import Profile
+from app.engine.calibration.thresholds import DEFAULT_FPRS, cross_fitted_scores, thresholds_for, validate_fprs
+from app.engine.methods import get as get_method
+from app.engine.types import MethodOptions
+from app.errors import InvalidInput
+
+MIN_REFERENCE_IMAGES = 10
+
+
+def fit_profile(
+    name: str,
+    features: np.ndarray,
+    *,
+    model_id: str,
+    options: MethodOptions,
+    fprs: tuple[float, ...] = DEFAULT_FPRS,
+    default_fpr: float = 0.05,
+    folds: int = 5,
+    source: str = "",
+) -> Profile:
+    """Fit the method's density on normal-image features (N, D).
+
+    Thresholds come from cross-fitted scores: each reference image is scored by a density fitted without
+    it, so the stated false-positive rates hold on new normal images instead of being optimistic. The
+    density kept in the profile is then fitted on all N.
+    """
+    features = np.asarray(features, dtype=float)
+    if features.ndim != 2 or len(features) < MIN_REFERENCE_IMAGES:
+        raise InvalidInput(f"calibration needs at least {MIN_REFERENCE_IMAGES} images, got {len(features)}")
+    if not np.isfinite(features).all():
+        raise InvalidInput("some reference images gave non-finite features")
+    fprs = validate_fprs(fprs, default_fpr)
+    density_cls = get_method(options.method).density
+    density_kwargs: dict[str, Any] = {
+        "max_components": options.mixture_max_components,
+        "covariance_type": options.covariance_type,
+        "reg_covar": options.density_reg(),
+    }
+    scores = cross_fitted_scores(features, density_cls, density_kwargs, folds)
+    return Profile(
+        name=name,
+        model_id=model_id,
+        options=options,
+        density=density_cls.fit(features, **density_kwargs),
+        calibration_scores=scores,
+        thresholds=thresholds_for(scores, fprs),
+        default_fpr=default_fpr,
+        n_reference=len(features),
+        source=source,
+    )

@@ -1,0 +1,77 @@
+"""From scores of normal images to thresholds and verdicts (METHOD.md step 5).
+
+Thresholds are split-conformal quantiles of cross-fitted scores: each reference image is scored by a
+density fitted without it, so a stated false-positive rate holds on new normal images instead of being
+optimistic. A verdict places one score among those calibration scores (percentile, conformal p-value).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import KFold
+
+from app.engine.calibration.density import RANDOM_STATE, DensityClass
+from app.engine.types import Verdict
+from app.errors import InvalidInput
+
+DEFAULT_FPRS = (0.01, 0.05, 0.1)
+MAX_FPRS = 32  # every answer carries one threshold per rate: a bounded list keeps answers small
+
+
+def fpr_key(fpr: float) -> str:
+    """How a false-positive rate names its threshold in a profile (``0.05`` -> ``"0.05"``)."""
+    return f"{fpr:g}"
+
+
+def validate_fprs(fprs: tuple[float, ...], default_fpr: float) -> tuple[float, ...]:
+    """The sorted rates a profile keeps thresholds for (``default_fpr`` included); refused when any lies
+    outside (0, 1) or there are more than ``MAX_FPRS`` of them. Cheap: callers check before computing."""
+    rates = tuple(sorted(set(fprs) | {default_fpr}))
+    if not all(0.0 < f < 1.0 for f in rates):  # also refuses NaN
+        raise InvalidInput("false-positive rates must lie in (0, 1)")
+    if len(rates) > MAX_FPRS:
+        raise InvalidInput(f"{len(rates)} false-positive rates; a profile keeps at most {MAX_FPRS}")
+    return rates
+
+
+def cross_fitted_scores(
+    features: np.ndarray, density_cls: DensityClass, density_kwargs: dict[str, Any], folds: int = 5
+) -> np.ndarray:
+    """Sorted anomaly scores of the reference images, each from a density fitted on the other folds."""
+    held_out = np.empty(len(features))
+    splitter = KFold(n_splits=min(folds, len(features)), shuffle=True, random_state=RANDOM_STATE)
+    for train_idx, test_idx in splitter.split(features):
+        fold_density = density_cls.fit(features[train_idx], **density_kwargs)
+        held_out[test_idx] = -fold_density.log_density(features[test_idx])
+    return np.sort(held_out)
+
+
+def conformal_threshold(sorted_scores: np.ndarray, fpr: float) -> float:
+    """The smallest threshold that flags at most ``fpr`` of new normal images (split-conformal quantile)."""
+    n = len(sorted_scores)
+    rank = math.ceil((n + 1) * (1 - fpr))
+    if rank > n:
+        return float(sorted_scores[-1])
+    return float(sorted_scores[rank - 1])
+
+
+def thresholds_for(sorted_scores: np.ndarray, fprs: tuple[float, ...]) -> dict[str, float]:
+    return {fpr_key(f): conformal_threshold(sorted_scores, f) for f in fprs}
+
+
+def verdict(
+    score: float, calibration_scores: np.ndarray, thresholds: dict[str, float], default_fpr: float
+) -> Verdict:
+    """Judge one score against sorted calibration scores; the threshold in force is ``default_fpr``'s."""
+    threshold = thresholds[fpr_key(default_fpr)]
+    if not math.isfinite(score):
+        # not a number the density can judge: flagged, never reported as a number
+        return Verdict(None, threshold, True, 100.0, 0.0, dict(thresholds))
+    cal = calibration_scores
+    below = int(np.searchsorted(cal, score, side="right"))
+    percentile = 100.0 * below / len(cal)
+    p_value = (1 + len(cal) - below) / (len(cal) + 1)  # conformal: share of normals at least as extreme
+    return Verdict(score, threshold, score > threshold, percentile, p_value, dict(thresholds))

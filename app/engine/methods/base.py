@@ -1,0 +1,86 @@
+"""What a scoring method declares: its name, its statistics, its density and its defaults.
+
+Two kinds (see ``app.engine.methods`` for how to add one):
+
+- ``PathMethod``: reads its features off the shared trajectory walk. ``start_walk`` returns the method's
+  running sums for one batch (anything with ``add_step(step)``); the walk calls ``add_step`` once per
+  ``TrajectoryStep`` (x_k, eps_theta, eps*, xhat0, abar; trajectory.py); ``features`` turns the sums into
+  ``BatchStats``. Methods that return equal ``walk_key`` share ONE set of sums (diffpath-6d and
+  diffpath-1d read the same noise path), and every path method of a batch shares ONE walk: K UNet
+  evaluations per image however many path methods are asked for.
+- ``PassMethod``: runs its own passes through the model (``statistics``), e.g. reconstruction.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
+
+import torch
+
+from app.engine.calibration.density import DensityClass
+
+if TYPE_CHECKING:
+    from app.engine.model.loading import LoadedModel
+    from app.engine.trajectory import TrajectoryStep
+    from app.engine.types import MethodOptions
+
+# Default shrinkage added to a standardised covariance (MethodOptions.covariance_reg = None).
+DEFAULT_COVARIANCE_REG = 1e-4
+
+
+@dataclass
+class BatchStats:
+    """Device tensors for a batch of B images (see ImageStats for the per-image meaning)."""
+
+    features: torch.Tensor  # (B, D)
+    step_sums: torch.Tensor  # (B, K, 3)
+    delta_sums: torch.Tensor  # (B, K-1, 3)
+    heatmap: torch.Tensor  # (B, H, W)
+    timesteps: list[int]
+
+
+class WalkSums(Protocol):
+    """A path method's running state over one batch's walk."""
+
+    def add_step(self, step: TrajectoryStep) -> None: ...
+
+
+SumsT = TypeVar("SumsT", bound=WalkSums)
+
+
+class Method(ABC):
+    """A scoring method: ``name`` (what options, settings and profiles say), ``density`` (the class
+    fitted on its features in a profile, calibration/density.py)."""
+
+    name: ClassVar[str]
+    density: ClassVar[DensityClass]
+
+    def default_covariance_reg(self, options: MethodOptions) -> float:
+        """The density's covariance shrinkage when ``options.covariance_reg`` is None."""
+        return DEFAULT_COVARIANCE_REG
+
+
+class PathMethod(Method, Generic[SumsT]):
+    """A method whose features are sums along the shared trajectory walk."""
+
+    walk_key: ClassVar[str]  # methods with equal keys share one ``start_walk`` result per batch
+
+    @abstractmethod
+    def start_walk(self, x0: torch.Tensor, options: MethodOptions) -> SumsT:
+        """Empty running sums for a batch x0 (B, C, H, W) in [-1, 1]."""
+
+    @abstractmethod
+    def features(self, sums: SumsT, timesteps: list[int], options: MethodOptions) -> BatchStats:
+        """The batch's statistics once the walk has passed every step through ``sums.add_step``."""
+
+
+class PassMethod(Method):
+    """A method that runs its own passes through the model instead of reading the shared walk."""
+
+    @abstractmethod
+    def statistics(
+        self, model: LoadedModel, x0: torch.Tensor, options: MethodOptions, digests: list[bytes] | None
+    ) -> BatchStats:
+        """Statistics for a batch x0 (B, C, H, W) in [-1, 1]; ``digests`` seed content-derived noise."""
