@@ -155,15 +155,17 @@ def test_thresholds_come_from_cross_fitted_scores_not_in_sample() -> None:
 
 def test_an_older_profile_format_is_upgraded_and_a_newer_one_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """How a profile field is added: FORMAT_VERSION goes up and MIGRATIONS gives documents of the older
-    version the field's "absent" value, so profiles written before keep loading."""
-    data = fit_profile("p", normal_features(40), model_id="m@1", options=OPTIONS, source="").to_dict()
-    assert data["format_version"] == profile_module.FORMAT_VERSION == 1
-    monkeypatch.setattr(profile_module, "FORMAT_VERSION", 2)
-    monkeypatch.setitem(profile_module.MIGRATIONS, 1, lambda d: {**d, "source": "from format 1"})
+    version the field's "absent" value, so profiles written before keep loading (here: a next version)."""
+    current = profile_module.FORMAT_VERSION
+    data = fit_profile("p", normal_features(40), model_id="m@1", options=OPTIONS).to_dict()
+    assert data["format_version"] == current
+    monkeypatch.setattr(profile_module, "FORMAT_VERSION", current + 1)
+    monkeypatch.setitem(profile_module.MIGRATIONS, current, lambda d: {**d, "source": "upgraded"})
     upgraded = Profile.from_dict(data)
-    assert upgraded.source == "from format 1" and upgraded.to_dict()["format_version"] == 2
+    assert upgraded.source == "upgraded" and upgraded.to_dict()["format_version"] == current + 1
+    assert data["format_version"] == current  # the document read is not changed
     np.testing.assert_array_equal(upgraded.calibration_scores, data["calibration_scores"])
-    for version in (3, 0, "1", None):
+    for version in (current + 2, 0, str(current), None):
         with pytest.raises(ProfileMismatch, match="format"):
             Profile.from_dict({**data, "format_version": version})
 

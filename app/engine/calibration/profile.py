@@ -10,6 +10,8 @@ Adding a field to the profile (e.g. per-pixel statistics of the normal images):
   3. bump ``FORMAT_VERSION`` and add ``MIGRATIONS[old] = function(dict) -> dict`` that gives a document of
      the old version the new field's "absent" value, so older profiles keep loading;
   4. fill it in ``fit.fit_profile``; tests: a profile of the old version still loads (test_calibration.py).
+A new feature option is not a profile field: ``MethodOptions`` (types.py) carries it in ``options``, and its
+``from_dict`` gives profiles written before the option the value they were fitted with.
 """
 
 from __future__ import annotations
@@ -179,9 +181,8 @@ def upgrade(d: dict[str, Any]) -> dict[str, Any]:
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise ProfileMismatch(f"profile format {version!r}, this build reads formats 1 to {FORMAT_VERSION}")
     while version < FORMAT_VERSION:
-        d = MIGRATIONS[version](d)
         version += 1
-        d["format_version"] = version
+        d = {**MIGRATIONS[version - 1](d), "format_version": version}
     return d
 
 

@@ -5,10 +5,15 @@ Two kinds (see ``app.engine.methods`` for how to add one):
 - ``PathMethod``: reads its features off the shared trajectory walk. ``start_walk`` returns the method's
   running sums for one batch (anything with ``add_step(step)``); the walk calls ``add_step`` once per
   ``TrajectoryStep`` (x_k, eps_theta, eps*, xhat0, abar; trajectory.py); ``features`` turns the sums into
-  ``BatchStats``. Methods that return equal ``walk_key`` share ONE set of sums (diffpath-6d and
-  diffpath-1d read the same noise path), and every path method of a batch shares ONE walk: K UNet
-  evaluations per image however many path methods are asked for.
+  ``BatchStats``. Every path method of a batch shares ONE walk: K UNet evaluations per image however many
+  path methods are asked for. Methods with equal ``walk_key`` also share ONE set of sums (diffpath-6d and
+  diffpath-1d read the same noise path): give two methods the same key only when their ``start_walk``
+  builds the same kind of sums; a method summing something new takes a key of its own.
 - ``PassMethod``: runs its own passes through the model (``statistics``), e.g. reconstruction.
+
+What leaves the device is ``BatchStats`` (features, per-step sums, a per-pixel heat map); a new per-image
+array goes there, in ``ImageStats`` (types.py) and in the scorer's host copy (scorer.py ``_to_host``,
+``_split``).
 """
 
 from __future__ import annotations
