@@ -13,9 +13,9 @@ import numpy as np
 
 from app.bootstrap import apply_thread_policy, options_from_settings
 from app.commands.common import add_engine_args, load_scorer, settings_from_args
-from app.engine.calibration.fit import fit_profile
-from app.engine.methods import METHODS
+from app.engine.calibration import fit_profile
 from app.engine.scorer import Scorer
+from app.engine.types import METHODS
 from app.offline.datasets import feature_matrix, folder_statistics, list_images
 from app.offline.evaluation import PairResult, detection_metrics, format_table, plot_roc_and_histograms
 from app.settings import Settings
@@ -110,41 +110,9 @@ def run(args: argparse.Namespace) -> int:
         sets[name] = list_images(folder, args.limit, seed=0 if args.limit else None)
 
     started = time.perf_counter()
-    n_images = 0
-    features: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
-    for name, paths in sets.items():
-        cache = cache_file(args.cache, scorer, settings, args.methods, paths)
-        if cache is not None and cache.is_file():
-            with np.load(cache, allow_pickle=False) as data:
-                for m in args.methods:
-                    features[m][name] = data[m]
-            continue
-        kept, stats = folder_statistics(scorer, paths, args.methods, args.batch_size, desc=name)
-        n_images += len(kept)
-        for m in args.methods:
-            features[m][name] = feature_matrix(stats[m])
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, **{m: features[m][name] for m in args.methods})  # type: ignore[arg-type]
+    features, n_images = set_features(args, scorer, settings, sets)
     seconds = time.perf_counter() - started
-
-    scores: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
-    results: list[PairResult] = []
-    for m in args.methods:
-        options = options_from_settings(settings, m)
-        profile = fit_profile(
-            f"eval-{m}", features[m]["__fit__"], model_id=scorer.info.model_id, options=options
-        )
-        for name in sets:
-            if name != "__fit__":
-                scores[m][name] = profile.score(features[m][name])
-        for name, _ in args.ood:
-            auroc, aupr, fpr95 = detection_metrics(scores[m][id_name], scores[m][name])
-            results.append(
-                PairResult(
-                    m, id_name, name, auroc, aupr, fpr95, len(scores[m][id_name]), len(scores[m][name])
-                )
-            )
+    scores, results = compare_methods(args, scorer, settings, features, id_name)
 
     print(format_table(results))
     per_image = seconds / max(n_images, 1)
@@ -166,3 +134,55 @@ def run(args: argparse.Namespace) -> int:
         for path in plot_roc_and_histograms(scores, id_name, args.json.with_suffix("")):
             print(f"wrote {path}")
     return 0
+
+
+def set_features(
+    args: argparse.Namespace, scorer: Scorer, settings: Settings, sets: dict[str, list[Path]]
+) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+    """{method: {set name: feature matrix}} for every set (from the --cache when it has the set), and the
+    number of images the model computed."""
+    n_images = 0
+    features: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
+    for name, paths in sets.items():
+        cache = cache_file(args.cache, scorer, settings, args.methods, paths)
+        if cache is not None and cache.is_file():
+            with np.load(cache, allow_pickle=False) as data:
+                for m in args.methods:
+                    features[m][name] = data[m]
+            continue
+        kept, stats = folder_statistics(scorer, paths, args.methods, args.batch_size, desc=name)
+        n_images += len(kept)
+        for m in args.methods:
+            features[m][name] = feature_matrix(stats[m])
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, **{m: features[m][name] for m in args.methods})  # type: ignore[arg-type]
+    return features, n_images
+
+
+def compare_methods(
+    args: argparse.Namespace,
+    scorer: Scorer,
+    settings: Settings,
+    features: dict[str, dict[str, np.ndarray]],
+    id_name: str,
+) -> tuple[dict[str, dict[str, np.ndarray]], list[PairResult]]:
+    """Each method fitted on the fitting set: its scores of every scored set, and ID vs each OOD set."""
+    scores: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
+    results: list[PairResult] = []
+    for m in args.methods:
+        options = options_from_settings(settings, m)
+        profile = fit_profile(
+            f"eval-{m}", features[m]["__fit__"], model_id=scorer.info.model_id, options=options
+        )
+        for name in features[m]:
+            if name != "__fit__":
+                scores[m][name] = profile.score(features[m][name])
+        for name, _ in args.ood:
+            auroc, aupr, fpr95 = detection_metrics(scores[m][id_name], scores[m][name])
+            results.append(
+                PairResult(
+                    m, id_name, name, auroc, aupr, fpr95, len(scores[m][id_name]), len(scores[m][name])
+                )
+            )
+    return scores, results

@@ -73,8 +73,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings | None:
 def serve_app(app: FastAPI, settings: Settings) -> int:
     """Run ``app`` under uvicorn until a signal has drained it; 0 when it started and stopped cleanly."""
     from app import log_format
+    from app.bootstrap import apply_thread_policy
     from app.web.http_limits import bounded_http_protocol
 
+    apply_thread_policy(settings)  # once, before the lifespan loads the model
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -169,29 +169,9 @@ def load_model(
         raise ModelLoadError(f"{model_dir}: {exc}") from exc
     dev = resolve_device(device)
     weight_dtype, autocast_dtype = resolve_dtype(dtype, dev)
-    try:
-        unet = UNet2DModel.from_pretrained(
-            str(unet_dir), local_files_only=True, torch_dtype=weight_dtype, low_cpu_mem_usage=False
-        )
-    except Exception as exc:  # diffusers raises many types for a bad folder; one clear error for us
-        raise ModelLoadError(f"{unet_dir}: cannot load UNet2DModel: {exc}") from exc
-    in_channels, out_channels = int(unet.config.in_channels), int(unet.config.out_channels)
-    if sidecar.epsilon_channels is None and out_channels != in_channels:
-        raise ModelLoadError(
-            f"the UNet takes {in_channels} channels and answers {out_channels}: it must predict noise with "
-            "as many channels as it takes (a learned-sigma model needs epsilon_channels in ddm_anomaly.json)"
-        )
-    if sidecar.epsilon_channels is not None and not (
-        sidecar.epsilon_channels == in_channels and out_channels >= in_channels
-    ):
-        raise ModelLoadError(
-            f"epsilon_channels={sidecar.epsilon_channels} does not fit a UNet with {in_channels} input and "
-            f"{out_channels} output channels"
-        )
-    set_attention_heads(unet, sidecar.attention_heads)
-    # channels_last weights: oneDNN convolutions skip their NCHW reorders, measured faster on CPU
-    # (docs/PERFORMANCE.md#defaults-and-why). Outputs stay correct in any layout; scores differ by float
-    # rounding.
+    unet = read_unet(unet_dir, weight_dtype, sidecar)
+    # channels_last weights: oneDNN convolutions skip their NCHW reorders; measured 1.1-1.3x on the UNet
+    # alone on CPU (PERFORMANCE.md). Outputs stay correct in any layout; scores differ by float rounding.
     memory_format = torch.channels_last if dev.type == "cpu" else torch.contiguous_format
     unet = unet.to(dev, memory_format=memory_format).eval().requires_grad_(False)
     scheduler_config = json.loads(scheduler_file.read_text())
@@ -213,28 +193,11 @@ def load_model(
         )
     except RuntimeUnavailable as exc:
         raise ModelLoadError(str(exc)) from exc
-    sha = weights_digest(unet_dir)
-    card_path = model_dir / "README.md"
-    sample_size = unet.config.sample_size
-    if isinstance(sample_size, list | tuple):
-        sample_size = int(sample_size[0])
-    info = ModelInfo(
-        model_id=f"{model_dir.resolve().name}@{sha[:12]}",
-        name=model_dir.resolve().name,
-        path=str(model_dir),
-        sample_size=int(sample_size),
-        in_channels=int(unet.config.in_channels),
-        parameters=sum(p.numel() for p in unet.parameters()),
-        num_train_timesteps=len(abar),
-        beta_schedule=str(scheduler_config.get("beta_schedule", "unknown")),
-        prediction_type=prediction_type,
-        scheduler_class=str(scheduler_config.get("_class_name", "DDPMScheduler")),
-        weights_sha256=sha,
-        device=str(dev),
-        dtype=str(autocast_dtype or weight_dtype).replace("torch.", ""),
+    info = model_info(
+        model_dir, unet_dir, unet, scheduler_config, len(abar),
+        device=str(dev), dtype=str(autocast_dtype or weight_dtype).replace("torch.", ""),
         runtime=noise_runtime.name,
-        card=card_path.read_text(errors="replace") if card_path.is_file() else "",
-    )
+    )  # fmt: skip
     log.info("loaded %s (%d params, %dpx) on %s", info.model_id, info.parameters, info.sample_size, dev)
     return LoadedModel(
         unet=unet,
@@ -245,4 +208,66 @@ def load_model(
         runtime=noise_runtime,
         sidecar=sidecar,
         alphas_cumprod64=abar.clone(),
+    )
+
+
+def read_unet(unet_dir: Path, weight_dtype: torch.dtype, sidecar: ModelSidecar) -> UNet2DModel:
+    """The folder's UNet in ``weight_dtype`` on the CPU, checked against the sidecar's calling convention
+    (its attention head counts applied)."""
+    try:
+        unet = UNet2DModel.from_pretrained(
+            str(unet_dir), local_files_only=True, torch_dtype=weight_dtype, low_cpu_mem_usage=False
+        )
+    except Exception as exc:  # diffusers raises many types for a bad folder; one clear error for us
+        raise ModelLoadError(f"{unet_dir}: cannot load UNet2DModel: {exc}") from exc
+    in_channels, out_channels = int(unet.config.in_channels), int(unet.config.out_channels)
+    if sidecar.epsilon_channels is None and out_channels != in_channels:
+        raise ModelLoadError(
+            f"the UNet takes {in_channels} channels and answers {out_channels}: it must predict noise with "
+            "as many channels as it takes (a learned-sigma model needs epsilon_channels in ddm_anomaly.json)"
+        )
+    if sidecar.epsilon_channels is not None and not (
+        sidecar.epsilon_channels == in_channels and out_channels >= in_channels
+    ):
+        raise ModelLoadError(
+            f"epsilon_channels={sidecar.epsilon_channels} does not fit a UNet with {in_channels} input and "
+            f"{out_channels} output channels"
+        )
+    set_attention_heads(unet, sidecar.attention_heads)
+    return unet
+
+
+def model_info(
+    model_dir: Path,
+    unet_dir: Path,
+    unet: UNet2DModel,
+    scheduler_config: dict,
+    timesteps: int,
+    *,
+    device: str,
+    dtype: str,
+    runtime: str,
+) -> ModelInfo:
+    """What /v1/models and the profiles say about the loaded folder."""
+    sha = weights_digest(unet_dir)
+    card_path = model_dir / "README.md"
+    sample_size = unet.config.sample_size
+    if isinstance(sample_size, list | tuple):
+        sample_size = int(sample_size[0])
+    return ModelInfo(
+        model_id=f"{model_dir.resolve().name}@{sha[:12]}",
+        name=model_dir.resolve().name,
+        path=str(model_dir),
+        sample_size=int(sample_size),
+        in_channels=int(unet.config.in_channels),
+        parameters=sum(p.numel() for p in unet.parameters()),
+        num_train_timesteps=timesteps,
+        beta_schedule=str(scheduler_config.get("beta_schedule", "unknown")),
+        prediction_type=str(scheduler_config.get("prediction_type", "epsilon")),
+        scheduler_class=str(scheduler_config.get("_class_name", "DDPMScheduler")),
+        weights_sha256=sha,
+        device=device,
+        dtype=dtype,
+        runtime=runtime,
+        card=card_path.read_text(errors="replace") if card_path.is_file() else "",
     )

@@ -120,6 +120,38 @@ def apply_rules(
     several targets, e.g. a fused qkv) into the diffusers state dict whose keys/shapes are ``expected``; any
     missing, unused or mis-shaped key is an error naming it."""
     extra_rules = extra_rules or []
+    problems = _source_problems(source, rules, expected, extra_rules)
+    if problems:
+        raise CheckpointImportError(
+            f"{what} does not match the architecture its flags/config describe: " + "; ".join(problems)
+        )
+    out: dict[str, torch.Tensor] = {}
+    for rule in rules:
+        out[rule.target] = rule.transform(source[rule.source])
+    for _key, _shape, fn in extra_rules:
+        out.update(fn(source))
+    not_filled = sorted(set(expected) - set(out))
+    surplus = sorted(set(out) - set(expected))
+    wrong = [
+        f"{k}: {list(out[k].shape)} vs {list(expected[k])}"
+        for k in out
+        if k in expected and tuple(out[k].shape) != tuple(expected[k])
+    ]
+    if not_filled or surplus or wrong:  # a converter bug or an architecture the rules do not cover
+        raise CheckpointImportError(
+            f"{what}: conversion incomplete: unfilled {_few(not_filled)}, surplus {_few(surplus)}, "
+            f"mismatched {wrong[:5]}"
+        )
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _source_problems(
+    source: dict[str, torch.Tensor],
+    rules: list[Rule],
+    expected: Mapping[str, torch.Size | tuple[int, ...]],
+    extra_rules: list[ExtraRule],
+) -> list[str]:
+    """What keeps ``source`` from filling ``expected`` by the rules: missing, unexpected, mis-shaped keys."""
     wanted = [r.source for r in rules] + [k for k, _, _ in extra_rules]
     missing = [k for k in wanted if k not in source]
     unused = sorted(set(source) - set(wanted))
@@ -145,28 +177,7 @@ def apply_rules(
         problems.append(
             "shape mismatch " + "; ".join(shape_errors[:5]) + (" ..." if len(shape_errors) > 5 else "")
         )
-    if problems:
-        raise CheckpointImportError(
-            f"{what} does not match the architecture its flags/config describe: " + "; ".join(problems)
-        )
-    out: dict[str, torch.Tensor] = {}
-    for rule in rules:
-        out[rule.target] = rule.transform(source[rule.source])
-    for _key, _shape, fn in extra_rules:
-        out.update(fn(source))
-    not_filled = sorted(set(expected) - set(out))
-    surplus = sorted(set(out) - set(expected))
-    wrong = [
-        f"{k}: {list(out[k].shape)} vs {list(expected[k])}"
-        for k in out
-        if k in expected and tuple(out[k].shape) != tuple(expected[k])
-    ]
-    if not_filled or surplus or wrong:  # a converter bug or an architecture the rules do not cover
-        raise CheckpointImportError(
-            f"{what}: conversion incomplete: unfilled {_few(not_filled)}, surplus {_few(surplus)}, "
-            f"mismatched {wrong[:5]}"
-        )
-    return {k: v.contiguous() for k, v in out.items()}
+    return problems
 
 
 def _few(keys: list[str], n: int = 8) -> str:
@@ -245,3 +256,13 @@ def model_card(title: str, lines: list[str], config: Mapping[str, Any], licence:
         f"# {title}\n\n{body}\n\n## Licence\n\n{licence}\n\n"
         f"## Source configuration\n\n```json\n{json.dumps(dict(config), indent=2, sort_keys=True)}\n```\n"
     )
+
+
+def verify_folder(folder: Path) -> None:
+    """The written folder loads through the project's own loader (what every command and the service do)."""
+    from app.engine.model.loading import ModelLoadError, load_model
+
+    try:
+        load_model(folder, device="cpu", dtype="float32", runtime="torch")
+    except ModelLoadError as exc:
+        raise CheckpointImportError(f"the written folder does not load: {exc}") from exc

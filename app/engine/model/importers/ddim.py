@@ -33,9 +33,10 @@ from app.engine.model.importers.common import (
     load_checkpoint,
     model_card,
     tensor_dict,
+    verify_folder,
     write_model_folder,
 )
-from app.engine.model.importers.improved_diffusion import CELEBA_LICENCE, UNKNOWN_LICENCE, verify_folder
+from app.engine.model.importers.improved_diffusion.flags import CELEBA_LICENCE, UNKNOWN_LICENCE
 from app.engine.model.sidecar import InputTransform, ModelSidecar
 
 FORMAT = "ddim"
