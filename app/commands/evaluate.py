@@ -13,9 +13,9 @@ import numpy as np
 
 from app.bootstrap import apply_thread_policy, options_from_settings
 from app.commands.common import add_engine_args, load_scorer, settings_from_args
-from app.engine.calibration import fit_profile
+from app.engine.calibration.fit import fit_profile
+from app.engine.methods import METHODS
 from app.engine.scorer import Scorer
-from app.engine.types import METHODS
 from app.offline.datasets import feature_matrix, folder_statistics, list_images
 from app.offline.evaluation import PairResult, detection_metrics, format_table, plot_roc_and_histograms
 from app.settings import Settings
