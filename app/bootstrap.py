@@ -53,15 +53,20 @@ def set_torch_threads(threads: int | None) -> int:
 
 def apply_thread_policy(settings: Settings) -> int:
     """Torch's threads for a process that scores with ``settings`` (``serve`` and the scoring commands call
-    this once at start-up; the engine never changes them): ``torch_threads`` (default torch's choice) when
-    torch computes the UNet, one when the UNet runs in ONNX Runtime's own pool, which ``torch_threads`` sizes
+    this once at start-up; the engine never changes them); see :func:`set_engine_threads`."""
+    return set_engine_threads(settings.device, settings.dtype, settings.runtime, settings.torch_threads)
+
+
+def set_engine_threads(device: str, dtype: str, runtime: str, threads: int | None) -> int:
+    """Torch's threads beside the engine these settings load: ``threads`` (default torch's choice) when
+    torch computes the UNet, one when the UNet runs in ONNX Runtime's own pool, which ``threads`` sizes
     instead and which then needs the cores (runtimes.torch_threads_beside). Returns torch's count."""
-    threads = set_torch_threads(settings.torch_threads)
+    count = set_torch_threads(threads)
     try:
-        device = resolve_device(settings.device)
-        runtime = choose_runtime(settings.runtime, device, resolve_dtype(settings.dtype, device)[1])
+        dev = resolve_device(device)
+        chosen = choose_runtime(runtime, dev, resolve_dtype(dtype, dev)[1])
     except (ModelLoadError, RuntimeUnavailable):
-        return threads  # loading the model reports the bad setting
-    torch.set_num_threads(torch_threads_beside(runtime, threads))
-    log.info("torch uses %d thread(s); the UNet runs in %s", torch.get_num_threads(), runtime)
+        return count  # loading the model reports the bad setting
+    torch.set_num_threads(torch_threads_beside(chosen, count))
+    log.info("torch uses %d thread(s); the UNet runs in %s", torch.get_num_threads(), chosen)
     return torch.get_num_threads()

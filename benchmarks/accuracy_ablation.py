@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.bootstrap import set_engine_threads
 from app.engine.calibration.fit import fit_profile
 from app.engine.methods.diffpath_v2 import amplified_error
 from app.engine.methods.path_sums import PathAccumulator, stein_error
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
 
+    # the scoring commands' thread policy (app/bootstrap.py): torch on one thread beside ONNX Runtime's pool
+    set_engine_threads("cpu", "auto", "auto", args.threads)
     scorer = Scorer(args.model, device="cpu", torch_threads=args.threads)
     scorer.load(warmup_batch=0)
     celeba = list_images(args.data / "celeba", seed=0)

@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import naive_peer  # a sibling script, not a package
 
+from app.bootstrap import set_engine_threads
 from app.engine.model.runtimes import RuntimeUnavailable, TorchRuntime, build_runtime, torch_threads_beside
 from app.engine.preprocessing import PreparedImage
 from app.engine.scorer import Scorer
@@ -191,7 +192,7 @@ def variant_scorers(
             rethreaded,
             torch_threads_beside(rethreaded.model.runtime, other_threads),
         )
-        if model.runtime.name != "torch" and args.threads > 1:  # what Scorer.load's one torch thread buys
+        if model.runtime.name != "torch" and args.threads > 1:  # what the policy's one torch thread buys
             out[f"torch maths on {args.threads} threads too"] = (base, args.threads)
     precisions = {"bf16 autocast": torch.bfloat16}
     if model.device.type == "cuda":
@@ -259,9 +260,10 @@ class Samples:
 # --- the run --------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
     # The configured thread count: torch's for a torch engine, the runtime's pool for an exported one
-    # (whose Scorer then leaves torch one thread for the trajectory maths). The matmul peak, the naive peer
+    # (torch then keeps one thread for the trajectory maths). The matmul peak, the naive peer
     # and the torch variants always get the configured count.
     args.threads = args.threads or torch.get_num_threads()
+    set_engine_threads(args.device, args.dtype, args.runtime, args.threads)  # as the entry points do
     options = MethodOptions(steps=args.steps)
     scorer = Scorer(
         args.model, device=args.device, dtype=args.dtype, options=options, runtime=args.runtime,

@@ -257,7 +257,8 @@ class EngineReference:
 
         for run in self.runs:
             scorer = self.scorers[run["threads"]]
-            # as the service's Scorer.load sets it: torch on one thread beside an exported runtime's pool
+            # as the service's start-up sets it (app/bootstrap.py): torch on one thread beside an exported
+            # runtime's pool
             torch.set_num_threads(torch_threads_beside(scorer.model.runtime, run["threads"]))
             with ThreadPoolExecutor(run["instances"]) as pool:
                 for i in range(rounds + 1):  # the first round warms this thread count and pool
