@@ -24,8 +24,10 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from app.engine.explain import fit_heatmap_calibration, heatmap_png, smooth, standardise
+from app.engine.calibration.heatmap import fit_heatmap_calibration, smooth, standardise
+from app.engine.explain import heatmap_png
 from app.engine.methods.diffpath_v2 import amplified_error
+from app.engine.methods.path_sums import HEAT_NOISE_RANGE
 from app.engine.scorer import Scorer
 from app.engine.ssim import ssim_map
 from app.engine.trajectory import trajectory_grid, walk
@@ -67,9 +69,8 @@ def step_maps(scorer: Scorer, images: Sequence[Image.Image], batch_size: int = 3
 
 # --- candidate maps: per-step maps (N, K, H, W) + reference statistics -> (N, H, W) -----------------------
 
-# Steps whose noise level is in this range of abar (signal fraction) carry the localized error: at low noise
-# the model reproduces any patch, at the top of the path its error is spread over the whole image.
-MID_NOISE = (0.01, 0.65)
+# The engine's heat map averages the steps whose abar (signal fraction) is in this range
+MID_NOISE = HEAT_NOISE_RANGE
 
 
 def minmax(maps: np.ndarray) -> np.ndarray:

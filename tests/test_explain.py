@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.engine.explain import HeatmapCalibration, fit_heatmap_calibration, heatmap_png, normalise, smooth
+from app.engine.calibration.heatmap import HeatmapCalibration, fit_heatmap_calibration, smooth
+from app.engine.explain import heatmap_png, normalise
 
 
 def decode(data: bytes) -> Image.Image:

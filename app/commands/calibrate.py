@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+import numpy as np
+
 from app.bootstrap import apply_thread_policy
 from app.commands.common import add_engine_args, load_scorer, profiles_dir, settings_from_args
 from app.engine.calibration.fit import fit_profile
@@ -50,14 +52,16 @@ def run(args: argparse.Namespace) -> int:
         p for folder in args.images for p in list_images(folder, args.limit, seed=0 if args.limit else None)
     ]
     kept, stats = folder_statistics(scorer, paths, batch_size=args.batch_size, desc="calibrating")
+    method_stats = stats[scorer.options.method]
     profile = fit_profile(
         args.name,
-        feature_matrix(stats[scorer.options.method]),
+        feature_matrix(method_stats),
         model_id=scorer.info.model_id,
         options=scorer.options,
         fprs=tuple(args.fpr),
         default_fpr=args.default_fpr,
         source=", ".join(f"{folder}" for folder in args.images) + f" ({len(kept)} images)",
+        heatmaps=np.stack([s.heatmap for s in method_stats]) if method_stats else None,
     )
     store = ProfileStore(profiles_dir(settings), scorer.info.model_id, scorer.options)
     path = store.save(profile, overwrite=args.overwrite)

@@ -216,7 +216,8 @@ class ScoringService:
         pngs: list[bytes | None] = [None] * len(prepared)
         if explain:
             side = self.settings.heatmap_max_side
-            jobs = [partial(heatmap_png, s.heatmap, p.source_size, box=p.crop_box, max_side=side)
+            draw = partial(heatmap_png, max_side=side, calibration=calibration.heatmap)  # the profile's scale
+            jobs = [partial(draw, s.heatmap, p.source_size, box=p.crop_box)
                     for s, p in zip(done.outputs, prepared, strict=True)]  # fmt: skip
             pngs = await self._decoder.run(jobs, bounded=False)  # admitted work: never refused now
             for png in pngs:
@@ -311,10 +312,12 @@ class ScoringService:
         chunk = max(1, min(self.settings.max_batch_size, self.settings.max_queue_images // 2,
                            self.settings.max_decode_queue_images))  # fmt: skip
         features: list[np.ndarray] = []
+        heatmaps: list[np.ndarray] = []  # the profile's per-pixel heat-map statistics come from these
         for start in range(0, len(images), chunk):  # a chunk at a time: shares the queue with scoring
             prepared = await _when_room(partial(self._decode_all, images[start : start + chunk]))
             done = await _when_room(partial(self.batcher.run, prepared))
             features.extend(s.features for s in done.outputs)
+            heatmaps.extend(s.heatmap for s in done.outputs)
         info = self.engine.info
         profile = await asyncio.to_thread(
             fit_profile,
@@ -325,6 +328,7 @@ class ScoringService:
             fprs=tuple(fprs),
             default_fpr=default_fpr,
             source=source,
+            heatmaps=np.stack(heatmaps) if heatmaps else None,
         )
         await asyncio.to_thread(store.save, profile, overwrite)
         log.info("calibration profile %r created from %d images", name, len(images))

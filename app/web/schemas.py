@@ -103,6 +103,14 @@ class FeatureDetail(BaseModel):
     timesteps: list[int]
     step_sums: list[list[float | None]] = Field(description="(K, 3) per-timestep power sums 1..3")
     delta_sums: list[list[float | None]] = Field(description="(K-1, 3) the same for the step-to-step change")
+    heatmap: list[list[float | None]] = Field(
+        description="(H, W) at the model's resolution, what explain=true draws: per-pixel z-scores against "
+        "the profile's normal images (0: typical), or the raw map for a profile without heat-map statistics"
+    )
+    heatmap_threshold: float | None = Field(
+        description="the profile's threshold-equivalent on that map (drawn at mid-scale); null when the "
+        "profile has no heat-map statistics"
+    )
 
 
 class ImageScore(BaseModel):

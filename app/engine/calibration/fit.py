@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from app.engine.calibration.heatmap import fit_heatmap_calibration
 from app.engine.calibration.profile import Profile
 from app.engine.calibration.thresholds import DEFAULT_FPRS, cross_fitted_scores, thresholds_for, validate_fprs
 from app.engine.methods import get as get_method
@@ -26,12 +27,14 @@ def fit_profile(
     default_fpr: float = 0.05,
     folds: int = 5,
     source: str = "",
+    heatmaps: np.ndarray | None = None,
 ) -> Profile:
     """Fit the method's density on normal-image features (N, D).
 
     Thresholds come from cross-fitted scores: each reference image is scored by a density fitted without
     it, so the stated false-positive rates hold on new normal images instead of being optimistic. The
-    density kept in the profile is then fitted on all N.
+    density kept in the profile is then fitted on all N. ``heatmaps`` (N, H, W), the same images' raw
+    heat maps, give the profile its per-pixel heat-map statistics (calibration/heatmap.py).
     """
     features = np.asarray(features, dtype=float)
     if features.ndim != 2 or len(features) < MIN_REFERENCE_IMAGES:
@@ -56,4 +59,5 @@ def fit_profile(
         default_fpr=default_fpr,
         n_reference=len(features),
         source=source,
+        heatmap=None if heatmaps is None else fit_heatmap_calibration(heatmaps, fpr=default_fpr),
     )

@@ -28,13 +28,16 @@ from typing import Any
 import numpy as np
 
 from app.engine.calibration.density import DENSITY_KINDS, Density, GaussianMixtureDensity
+from app.engine.calibration.heatmap import HeatmapCalibration
 from app.engine.calibration.thresholds import fpr_key, verdict
 from app.engine.types import ImageStats, MethodOptions, Verdict
 from app.errors import ProfileMismatch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # MIGRATIONS[v] upgrades a version-v document to version v + 1; ``from_dict`` applies them in turn.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: lambda d: {**d, "heatmap": None},  # 2 adds heat-map statistics; older profiles draw maps uncalibrated
+}
 MAX_PROFILE_BYTES = 8 * 1024 * 1024
 TEMP_SUFFIX = ".tmp"  # ``.<name>.json.<random>.tmp`` while a profile is written
 
@@ -51,6 +54,9 @@ class Profile:
     created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
     n_reference: int = 0
     source: str = ""
+    # per-pixel statistics of the reference images' heat maps (calibration/heatmap.py); None: fitted
+    # before they existed, heat maps are then drawn each on its own scale
+    heatmap: HeatmapCalibration | None = None
 
     # scores ------------------------------------------------------------------------------------
     def score(self, features: np.ndarray) -> np.ndarray:
@@ -89,12 +95,16 @@ class Profile:
             "thresholds": self.thresholds,
             "density": self.density.to_dict(),
             "calibration_scores": self.calibration_scores.tolist(),
+            "heatmap": None if self.heatmap is None else self.heatmap.to_dict(),
         }
 
     def summary(self) -> dict[str, Any]:
         d = self.to_dict()
         d.pop("density")
         d.pop("calibration_scores")
+        d["heatmap"] = (
+            None if self.heatmap is None else {"hot": self.heatmap.hot, "sigma": self.heatmap.sigma}
+        )
         d["density"] = self.density.kind
         if isinstance(self.density, GaussianMixtureDensity):
             d["mixture_components"] = self.density.n_components
@@ -145,6 +155,7 @@ class Profile:
             created=str(d["created"]),
             n_reference=int(d["n_reference"]),
             source=str(d.get("source", "")),
+            heatmap=None if d.get("heatmap") is None else HeatmapCalibration.from_dict(d["heatmap"]),
         )
         if len(scores) == 0 or not np.isfinite(scores).all():
             raise ProfileMismatch("profile has no usable calibration scores")

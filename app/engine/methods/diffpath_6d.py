@@ -26,7 +26,7 @@ class NoisePathSums(PathAccumulator):
         self.options = options
 
     def add_step(self, step: TrajectoryStep) -> None:
-        self.add(step.eps_k, stein_error(step, self.options))
+        self.add(step.eps_k, stein_error(step, self.options), step.abar)
 
 
 class DiffPath6D(PathMethod[NoisePathSums]):

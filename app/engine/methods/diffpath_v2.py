@@ -58,7 +58,7 @@ class AmplifiedErrorSums(PathAccumulator):
 
     def add_step(self, step: TrajectoryStep) -> None:
         amplified = amplified_error(step, self.reference, self.options)
-        self.add(amplified, amplified)
+        self.add(amplified, amplified, step.abar)
 
 
 class DiffPathV2(PathMethod[AmplifiedErrorSums]):

@@ -7,9 +7,11 @@ import math
 import time
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
 
+from app.engine.calibration.heatmap import HeatmapCalibration
 from app.service.scoring import ImageResult, ScoreOutcome
 from app.web.deps import Admission, ClientAccess, RequestId, ServiceDep, SettingsDep
 from app.web.errors import error_responses
@@ -126,7 +128,7 @@ def score_response(outcome: ScoreOutcome, request_id: str, with_features: bool) 
             default_fpr=profile.default_fpr,
             n_reference=profile.n_reference,
         ),
-        results=[_image_score(r, with_features) for r in outcome.results],
+        results=[_image_score(r, with_features, outcome.profile.heatmap) for r in outcome.results],
         timings=Timings(
             decode_ms=1000 * t["decode"],
             queue_ms=1000 * t["queue"],
@@ -137,15 +139,20 @@ def score_response(outcome: ScoreOutcome, request_id: str, with_features: bool) 
     )
 
 
-def _image_score(result: ImageResult, with_features: bool) -> ImageScore:
+def _image_score(
+    result: ImageResult, with_features: bool, heatmap_scale: HeatmapCalibration | None
+) -> ImageScore:
     v, stats = result.verdict, result.stats
     detail = None
     if with_features:
+        heat = stats.heatmap if heatmap_scale is None else heatmap_scale.apply(stats.heatmap)
         detail = FeatureDetail(
             vector=_finite(stats.features.tolist()),
             timesteps=[int(t) for t in stats.timesteps.tolist()],
             step_sums=[_finite(row) for row in stats.step_sums.tolist()],
             delta_sums=[_finite(row) for row in stats.delta_sums.tolist()],
+            heatmap=[_finite(row) for row in np.round(heat, 4).tolist()],
+            heatmap_threshold=None if heatmap_scale is None else heatmap_scale.hot,
         )
     return ImageScore(
         id=result.id,
