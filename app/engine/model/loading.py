@@ -174,13 +174,7 @@ def load_model(
     # alone on CPU (PERFORMANCE.md). Outputs stay correct in any layout; scores differ by float rounding.
     memory_format = torch.channels_last if dev.type == "cpu" else torch.contiguous_format
     unet = unet.to(dev, memory_format=memory_format).eval().requires_grad_(False)
-    scheduler_config = json.loads(scheduler_file.read_text())
-    prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    if prediction_type != "epsilon":
-        raise ModelLoadError(
-            f"prediction_type={prediction_type!r}: only epsilon-prediction models are supported"
-        )
-    abar = alphas_cumprod_from_config(scheduler_config, float64=sidecar.alphas_cumprod_float64)
+    scheduler_config, abar = read_schedule(scheduler_file, sidecar)
     try:
         noise_runtime = build_runtime(
             runtime,
@@ -208,6 +202,19 @@ def load_model(
         runtime=noise_runtime,
         sidecar=sidecar,
         alphas_cumprod64=abar.clone(),
+    )
+
+
+def read_schedule(scheduler_file: Path, sidecar: ModelSidecar) -> tuple[dict, torch.Tensor]:
+    """The scheduler config and its (T,) abar in float64 (an epsilon-prediction schedule only)."""
+    scheduler_config = json.loads(scheduler_file.read_text())
+    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    if prediction_type != "epsilon":
+        raise ModelLoadError(
+            f"prediction_type={prediction_type!r}: only epsilon-prediction models are supported"
+        )
+    return scheduler_config, alphas_cumprod_from_config(
+        scheduler_config, float64=sidecar.alphas_cumprod_float64
     )
 
 
