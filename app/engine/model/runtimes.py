@@ -218,7 +218,10 @@ def build_runtime(
     except RuntimeUnavailable as exc:
         if name != "auto":
             raise
-        log.warning("runtime auto: %s; using torch", exc)
+        # torch's thread count was set at start-up for onnxruntime's pool (one thread); say how to get more
+        log.warning(
+            "runtime auto: %s; using torch on its start-up threads (DDM_RUNTIME=torch gives it all)", exc
+        )
         return TorchRuntime(
             unet, autocast_dtype, device, timestep_scale=timestep_scale, epsilon_channels=epsilon_channels
         )
