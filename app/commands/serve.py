@@ -8,6 +8,7 @@ shutdown drains the batcher. The process then exits 0.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import logging
 import math
 import re
@@ -76,7 +77,6 @@ def serve_app(app: FastAPI, settings: Settings) -> int:
     from app.bootstrap import apply_thread_policy
     from app.web.http_limits import bounded_http_protocol
 
-    apply_thread_policy(settings)  # once, before the lifespan loads the model
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -90,6 +90,7 @@ def serve_app(app: FastAPI, settings: Settings) -> int:
     )
     logging.getLogger("uvicorn.access").addFilter(RedactQuerySecrets())  # after uvicorn set up logging
     log_format.configure(settings.log_format, "uvicorn", "uvicorn.error", "uvicorn.access")
+    apply_thread_policy(settings)  # once, before the lifespan loads the model (logs in the chosen format)
     server = DrainingServer(
         config, on_signal=app.state.service.begin_drain, delay_s=settings.shutdown_delay_s
     )
@@ -136,10 +137,15 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         self.exit_requested_at = time.monotonic()
-        log.info("signal %d: draining; shutdown in %.1f s, then accepted work finishes", sig, self.delay_s)
-        self.on_signal()
+        # a signal interrupts whatever runs, maybe a request's task: its records must not carry that
+        # request's id (app/log_format.py), so the drain starts in an empty context
+        contextvars.Context().run(self._begin_drain, sig)
         if self.delay_s <= 0:
             super().handle_exit(sig, frame)
+
+    def _begin_drain(self, sig: int) -> None:
+        log.info("signal %d: draining; shutdown in %.1f s, then accepted work finishes", sig, self.delay_s)
+        self.on_signal()
 
     async def on_tick(self, counter: int) -> bool:
         requested = self.exit_requested_at

@@ -59,7 +59,9 @@ async def read_upload(request: Request, json_model: type[M], max_images: int) ->
         if len(images) > max_images:  # the early count gives up on bodies it cannot read; this never does
             raise PayloadTooLarge(f"{len(images)} images in one request; at most {max_images}")
         decoded = await asyncio.to_thread(_decode_images, images)
-        return Upload(decoded, body=body)
+        # the base64 text (a third more than the images) is not needed past here: the request holds only
+        # the decoded bytes while it waits for the model (docs/RELIABILITY.md#memory-per-request)
+        return Upload(decoded, body=body.model_copy(update={"images": []}))
     if kind in RAW_IMAGE_TYPES:
         data = b"".join([chunk async for chunk in request.stream()])
         return Upload([("0", data)])
@@ -110,11 +112,13 @@ async def _read_multipart(request: Request, max_images: int) -> Upload:
 
 
 async def _read_json(request: Request, model: type[M], max_images: int) -> M:
-    body = b"".join([chunk async for chunk in request.stream()])
+    body = bytearray()  # grown in place: no list of chunks beside the joined copy
+    async for chunk in request.stream():
+        body += chunk
     return await asyncio.to_thread(_validate_json, model, body, max_images)
 
 
-def _validate_json(model: type[M], body: bytes, max_images: int) -> M:
+def _validate_json(model: type[M], body: bytes | bytearray, max_images: int) -> M:
     count_json_images(body, max_images)
     try:
         return model.model_validate_json(body)
@@ -122,7 +126,7 @@ def _validate_json(model: type[M], body: bytes, max_images: int) -> M:
         raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
 
 
-def count_json_images(body: bytes, max_images: int) -> None:
+def count_json_images(body: bytes | bytearray, max_images: int) -> None:
     """Raise PayloadTooLarge as soon as a top-level ``images`` array holds more than ``max_images`` entries.
 
     Runs before validation, which would build every entry (and an error per bad entry) first: a 5 MiB body
