@@ -113,7 +113,8 @@ class ImageStats:
     ``features``: the method's feature vector (6 for the diffpath methods, 1 for diffpath-1d, one per
     noise level for reconstruction). ``step_sums``: per-timestep sums (K, 3) of the trajectory quantity and
     its powers 1..3; ``delta_sums``: the same for its rate of change (K-1, 3). ``heatmap``: (H, W) float32
-    at model resolution, mean over steps and channels of |quantity|.
+    at model resolution, mean over channels and the mid-noise steps of |quantity| (path methods; every
+    step for reconstruction; methods/path_sums.py HEAT_NOISE_RANGE), uncalibrated (a profile calibrates it).
     """
 
     features: np.ndarray
