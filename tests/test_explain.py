@@ -8,10 +8,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from app.engine.calibration.heatmap import HeatmapCalibration, fit_heatmap_calibration, smooth
 from app.engine.explain import heatmap_png, normalise
+from app.engine.methods.path_sums import PathAccumulator
 
 
 def decode(data: bytes) -> Image.Image:
@@ -126,3 +128,16 @@ def test_calibrated_png_is_dark_for_a_typical_map_and_bright_where_it_is_not() -
     hot = np.asarray(decode(heatmap_png(odd, (8, 8), calibration=cal)))[..., :3].astype(int)
     assert calm.sum(-1).max() < 200  # inferno's dark end everywhere
     assert hot[:4, :4].sum(-1).min() > 500 and hot[4:, 4:].sum(-1).max() < 200
+
+
+def test_the_engine_map_averages_only_the_mid_noise_steps() -> None:
+    acc = PathAccumulator(steps=3)
+    for abar, level in ((1.0, 1.0), (0.5, 2.0), (0.0, 9.0)):  # clean end, mid-noise, pure noise
+        q = torch.full((1, 3, 2, 2), level)
+        acc.add(q, q, torch.tensor(abar))
+    assert torch.allclose(acc.result([0, 1, 2]).heatmap, torch.full((1, 2, 2), 2.0))
+    outside = PathAccumulator(steps=2)  # no step in the range: every step, as before
+    for abar, level in ((1.0, 1.0), (0.0, 3.0)):
+        q = torch.full((1, 3, 2, 2), level)
+        outside.add(q, q, torch.tensor(abar))
+    assert torch.allclose(outside.result([0, 1]).heatmap, torch.full((1, 2, 2), 2.0))
