@@ -107,7 +107,9 @@ def test_profile_options_are_checked_before_any_image_is_computed(server: LiveSe
     form = {"name": "fprs-form", "fprs": ",".join(str(0.001 * (i + 1)) for i in range(40))}
     r = httpx.post(f"{server.url}/v1/profiles", data=form, files=files, timeout=60)
     assert r.status_code == 400 and "at most 31" in r.json()["error"]["message"]
-    r = httpx.post(f"{server.url}/v1/profiles", data={"name": "bad-fpr", "default_fpr": "2"}, files=files)
+    r = httpx.post(
+        f"{server.url}/v1/profiles", data={"name": "bad-fpr", "default_fpr": "2"}, files=files, timeout=60
+    )
     assert r.status_code == 400 and "(0, 1)" in r.json()["error"]["message"]
     assert series(server, "anomaly_batch_size_count") == batches  # no image reached the model
 
@@ -208,7 +210,10 @@ def test_open_profile_creation_is_serialised_and_never_overwrites(server: LiveSe
         assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", name
     assert httpx.delete(f"{server.url}/v1/profiles/raced", timeout=30).status_code == 403
     default = httpx.post(
-        f"{server.url}/v1/score", content=png_bytes(size=(32, 32)), headers={"content-type": "image/png"}
+        f"{server.url}/v1/score",
+        content=png_bytes(size=(32, 32)),
+        headers={"content-type": "image/png"},
+        timeout=60,
     )
     assert (
         default.status_code == 200 and default.json()["profile"]["n_reference"] > 100
@@ -227,8 +232,12 @@ def test_profiles_delete_with_a_key_and_stale_writes_are_cleaned(
     assert not stale.exists()
     auth = {"Authorization": "Bearer k1"}
     r = httpx.post(
-        f"{server.url}/v1/profiles", data={"name": "widgets"}, files=_profile_files(), headers=auth
-    )
+        f"{server.url}/v1/profiles",
+        data={"name": "widgets"},
+        files=_profile_files(),
+        headers=auth,
+        timeout=120,
+    )  # 12 images computed: seconds on a busy host, past httpx's 5 s default
     assert r.status_code == 201, r.text
     assert httpx.delete(f"{server.url}/v1/profiles/widgets", timeout=30).status_code == 401
     assert httpx.delete(f"{server.url}/v1/profiles/widgets", headers=auth, timeout=30).status_code == 204
