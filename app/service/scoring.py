@@ -12,18 +12,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, Protocol, TypeVar
 
-import numpy as np
-
 from app.bootstrap import engine_from_settings
-from app.engine.calibration.fit import fit_profile
 from app.engine.calibration.profile import Profile
 from app.engine.calibration.store import ProfileStore, validate_profile_name
-from app.engine.calibration.thresholds import DEFAULT_FPRS, validate_fprs
+from app.engine.calibration.thresholds import DEFAULT_FPRS
 from app.engine.explain import heatmap_png
 from app.engine.preprocessing import PreparedImage, declared_pixels
 from app.engine.types import ImageStats, MethodOptions, ModelInfo, Verdict
@@ -32,14 +29,13 @@ from app.errors import (
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
-    Overloaded,
     PayloadTooLarge,
-    ProfileConflict,
     ProfileMismatch,
 )
 from app.service.batcher import DynamicBatcher
 from app.service.decode_queue import DecodeQueue
 from app.service.metrics import BatchMetrics, Metrics
+from app.service.profile_admin import ProfileAdmin
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -98,8 +94,8 @@ class ScoringService:
         self.state: State = "loading"
         self.failure: str | None = None
         self._profiles: ProfileStore | None = None
-        self._creating: set[str] = set()  # casefolded names of profiles being fitted (event loop only)
         self._decoder = DecodeQueue(settings.decode_threads, settings.max_decode_queue_images)
+        self._profile_admin = ProfileAdmin(settings, self.engine, self.batcher.run, self._decode_all)
         self._loader: threading.Thread | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------------
@@ -281,69 +277,15 @@ class ScoringService:
         overwrite: bool = False,
         source: str = "",
     ) -> Profile:
-        """Score normal images through the shared queue, fit a profile, persist it; usable at once."""
+        """Score normal images through the shared queues, fit a profile, persist it; usable at once."""
         store = self._check_ready()
-        validate_profile_name(name)
-        validate_fprs(tuple(fprs), default_fpr)  # before any image is computed
-        if len(images) > self.settings.max_profile_images:
-            raise PayloadTooLarge(
-                f"{len(images)} images; a profile takes at most {self.settings.max_profile_images}"
-            )
-        store.check_new(name, overwrite)
-        key = name.casefold()
-        if key in self._creating:  # one creation per name at a time: the second gets 409 at once
-            raise ProfileConflict(f"profile {name!r} is being created by another request")
-        self._creating.add(key)
-        try:
-            return await self._fit_and_save(store, name, images, fprs, default_fpr, overwrite, source)
-        finally:
-            self._creating.discard(key)
-
-    async def _fit_and_save(
-        self,
-        store: ProfileStore,
-        name: str,
-        images: Sequence[tuple[str, bytes]],
-        fprs: Sequence[float],
-        default_fpr: float,
-        overwrite: bool,
-        source: str,
-    ) -> Profile:
-        chunk = max(1, min(self.settings.max_batch_size, self.settings.max_queue_images // 2,
-                           self.settings.max_decode_queue_images))  # fmt: skip
-        features: list[np.ndarray] = []
-        heatmaps: list[np.ndarray] = []  # the profile's per-pixel heat-map statistics come from these
-        for start in range(0, len(images), chunk):  # a chunk at a time: shares the queue with scoring
-            prepared = await _when_room(partial(self._decode_all, images[start : start + chunk]))
-            done = await _when_room(partial(self.batcher.run, prepared))
-            features.extend(s.features for s in done.outputs)
-            heatmaps.extend(s.heatmap for s in done.outputs)
-        info = self.engine.info
-        profile = await asyncio.to_thread(
-            fit_profile,
-            name,
-            np.stack(features) if features else np.empty((0, 0)),
-            model_id=info.model_id,
-            options=self.engine.options,
-            fprs=tuple(fprs),
-            default_fpr=default_fpr,
-            source=source,
-            heatmaps=np.stack(heatmaps) if heatmaps else None,
+        return await self._profile_admin.create(
+            store, name, images, fprs=fprs, default_fpr=default_fpr, overwrite=overwrite, source=source
         )
-        await asyncio.to_thread(store.save, profile, overwrite)
-        log.info("calibration profile %r created from %d images", name, len(images))
-        return profile
 
     async def delete_profile(self, name: str) -> None:
         """Remove a profile; the one requests use by default cannot be removed (409)."""
-        store = self._check_ready()
-        validate_profile_name(name)
-        if name == self.settings.default_profile:
-            raise ProfileConflict(f"profile {name!r} is the service default (DDM_DEFAULT_PROFILE)")
-        if name.casefold() in self._creating:
-            raise ProfileConflict(f"profile {name!r} is being created by another request")
-        await asyncio.to_thread(store.delete, name)
-        log.info("calibration profile %r deleted", name)
+        await self._profile_admin.delete(self._check_ready(), name)
 
     def model_ids(self) -> list[str]:
         return [self.engine.info.model_id] if self.engine.ready else []
@@ -374,13 +316,3 @@ class ScoringService:
         if self.engine.ready:
             for kind, value in self.engine.memory().items():
                 self.metrics.device_memory.labels(kind=kind).set(value)
-
-
-async def _when_room(attempt: Callable[[], Awaitable[V]]) -> V:
-    """Run ``attempt`` until a queue has room: an admin job (a profile's images) waits instead of failing
-    half-way through."""
-    while True:
-        try:
-            return await attempt()
-        except Overloaded as exc:
-            await asyncio.sleep(min(exc.retry_after_s, 5.0))
