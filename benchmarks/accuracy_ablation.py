@@ -47,7 +47,7 @@ WALK_VARIANTS: dict[str, MethodOptions] = {
 }
 
 
-AGGREGATIONS = ("sum", "per-step")
+AGGREGATIONS = ("sum", "per-step", "per-step-centre")
 
 
 def walk_features(
@@ -61,7 +61,7 @@ def walk_features(
         x0 = torch.stack([p.tensor for p in prepared]).to(model.device)
         ts = trajectory_grid(trajectory, len(model.alphas_cumprod), steps, t_max)
         noise = content_noise([p.digest for p in prepared], tuple(x0.shape[1:]), x0.device)
-        accs = {name: PathAccumulator(steps) for name in WALK_VARIANTS}
+        accs = {name: PathAccumulator(steps, regions=True) for name in WALK_VARIANTS}
         with torch.inference_mode():
             for step in walk(model, x0, ts, trajectory, noise if trajectory == "forward" else None):
                 image_ssim = ssim_map(x0, step.xhat0)  # shared by the image-SSIM variants
@@ -94,8 +94,14 @@ def fit_size_rows(
     """How many normal images the density needs: the default variant refitted on seeded subsets."""
     rows = []
     variant = next(v for v in WALK_VARIANTS if v.endswith("(default)"))
-    # the six sums with their default regularisation; per-step with the old 1e-4 and with its default
-    for aggregation, reg in (("sum", None), ("per-step", 1e-4), ("per-step", None)):
+    # the six sums with their default regularisation; per-step with the old 1e-4 and with its default;
+    # the centre/border energies (the default) with theirs
+    for aggregation, reg in (
+        ("sum", None),
+        ("per-step", 1e-4),
+        ("per-step", None),
+        ("per-step-centre", None),
+    ):
         base = WALK_VARIANTS[variant]
         opts = replace(base, steps=steps, aggregation=aggregation, covariance_reg=reg)  # type: ignore[arg-type]
         fit_all = per_set["fit"][variant, aggregation]

@@ -13,7 +13,7 @@ from tests.helpers import make_tiny_model
 from tests.test_benchmarks import _load
 
 
-def test_ablation_reports_both_aggregations_and_fit_sizes(tmp_path: Path) -> None:
+def test_ablation_reports_every_aggregation_and_fit_sizes(tmp_path: Path) -> None:
     model = make_tiny_model(tmp_path / "tiny")
     rng = np.random.default_rng(0)
     for name, n in (("celeba", 40), ("cifar10", 8), ("mnist", 8), ("dtd", 8), ("imagenet", 8)):
@@ -28,8 +28,13 @@ def test_ablation_reports_both_aggregations_and_fit_sizes(tmp_path: Path) -> Non
     assert _load("accuracy_ablation").main(args) == 0
     rows = json.loads(out.read_text())["rows"]
     walk_rows = [r for r in rows if "fit_size" not in r]
-    assert {r["aggregation"] for r in walk_rows} == {"sum", "per-step"}
-    assert len(walk_rows) == 2 * (8 + 5)  # 8 variants x 2 aggregations, + the density grid of the default
+    assert {r["aggregation"] for r in walk_rows} == {"sum", "per-step", "per-step-centre"}
+    assert len(walk_rows) == 3 * (8 + 5)  # 8 variants x 3 aggregations, + the density grid of the default
     fit_rows = [(r["aggregation"], r["covariance_reg"], r["fit_size"]) for r in rows if "fit_size" in r]
-    assert fit_rows == [("sum", 1e-4, 12), ("per-step", 1e-4, 12), ("per-step", 0.1, 12)]
+    assert fit_rows == [
+        ("sum", 1e-4, 12),
+        ("per-step", 1e-4, 12),
+        ("per-step", 0.1, 12),
+        ("per-step-centre", 0.1, 12),
+    ]
     assert all(0.0 <= r[s] <= 1.0 for r in rows for s in ("cifar10", "mnist", "dtd", "imagenet"))

@@ -59,7 +59,8 @@ def test_every_method_runs_on_a_tiny_model(tmp_path: Path, method: str) -> None:
     scorer.load(warmup_batch=1)
     images = [PreparedImage(torch.rand(3, 16, 16) * 2 - 1, (16, 16), bytes([i])) for i in range(3)]
     stats = scorer.run(images)
-    width = {"diffpath-1d": 1, "reconstruction": 3}.get(method, 2 * 4 - 1)  # per-step: K + (K - 1)
+    # default per-step-centre: centre and border of K steps and K - 1 rates of change
+    width = {"diffpath-1d": 1, "reconstruction": 3}.get(method, 2 * (2 * 4 - 1))
     assert [s.features.shape for s in stats] == [(width,)] * 3
     assert all(s.finite and s.heatmap.shape == (16, 16) for s in stats)
 
@@ -102,7 +103,7 @@ def test_celeba_scores_lower_than_mnist_on_the_shipped_model(shipped: Scorer) ->
 @pytest.mark.slow
 def test_the_shipped_profile_tells_cifar10_from_celeba(shipped: Scorer) -> None:
     """The hardest pair of ../shared/data, judged by the committed default profile as the service would:
-    per-step features reach ~0.95 AUROC there (the six sums ~0.87, ACCURACY.md)."""
+    the default centre/border per-step features reach ~0.96 AUROC there (the six sums ~0.87, ACCURACY.md)."""
     celeba, cifar = require_data("celeba", 24, start=3000), require_data("cifar10", 24, start=100)
     profile = Profile.load(SHIPPED_MODEL / "profiles" / "default.json")
     assert profile.options == shipped.options  # the service would refuse it otherwise

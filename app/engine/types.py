@@ -29,8 +29,10 @@ class MethodOptions:
     t_max_fraction: float = 1.0  # trajectory covers t in [0, t_max_fraction * (T - 1)]
     # How the path methods turn per-step power sums into features: "sum" = METHOD.md step 4's six sums
     # over all steps; "per-step" = the log energy (sum of squares) of every step and of every step's rate
-    # of change, 2K - 1 values (ACCURACY.md: where along the path the error sits is what separates).
-    aggregation: Literal["sum", "per-step"] = "per-step"
+    # of change, 2K - 1 values (ACCURACY.md: where along the path the error sits is what separates);
+    # "per-step-centre" = the same energies of the image's centre and of its border, 2 (2K - 1) values:
+    # where in an aligned face the error sits too (the default; ACCURACY.md "Where the error sits").
+    aggregation: Literal["sum", "per-step", "per-step-centre"] = "per-step-centre"
     recon_levels: tuple[float, ...] = (0.1, 0.25, 0.4)  # reconstruction: noise levels as fractions of T
     mixture_max_components: int = 8
     covariance_type: Literal["full", "diag", "tied", "spherical", "auto"] = "full"

@@ -1,9 +1,9 @@
 """What the golden files pin, computed from scratch (shared by ``regenerate.py`` and tests/test_goldens.py).
 
 ``engine.json``: for the committed images in ``images/`` and the shipped model (``model_store/celeba32-ref``)
-under the default settings (K = 10, per-step features): what preprocessing hands the model, every method's
-feature vector on both runtimes (torch and onnxruntime), and the scores and verdicts the committed default
-profile gives; plus a few non-default option sets (``VARIANTS``) on one runtime.
+under the default settings (K = 10, per-step centre/border features): what preprocessing hands the model,
+every method's feature vector on both runtimes (torch and onnxruntime), and the scores and verdicts the
+committed default profile gives; plus a few non-default option sets (``VARIANTS``) on one runtime.
 
 ``calibration.json``: ``fit_profile`` on a fixed small feature array (stored in the file itself, so a change
 of numpy's random streams cannot move it): thresholds, cross-fitted calibration scores and probe scores for
@@ -43,6 +43,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "trajectory=forward": {"trajectory": "forward"},
     "sigma_scaling": {"sigma_scaling": True},
     "t_max_fraction=0.5,steps=6": {"t_max_fraction": 0.5, "steps": 6},
+    # the default before per-step-centre: what profiles fitted then still compute
+    "aggregation=per-step": {"aggregation": "per-step"},
 }
 VARIANT_RUNTIME = "onnxruntime"
 

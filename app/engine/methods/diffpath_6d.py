@@ -22,7 +22,7 @@ class NoisePathSums(PathAccumulator):
     """Power sums of eps_k and of its rate of change."""
 
     def __init__(self, x0: torch.Tensor, options: MethodOptions) -> None:
-        super().__init__(options.steps)
+        super().__init__(options.steps, regions=options.aggregation == "per-step-centre")
         self.options = options
 
     def add_step(self, step: TrajectoryStep) -> None:

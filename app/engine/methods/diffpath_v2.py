@@ -50,7 +50,7 @@ class AmplifiedErrorSums(PathAccumulator):
     """Power sums of a_k and of its rate of change; heat map: mean |a_k|."""
 
     def __init__(self, x0: torch.Tensor, options: MethodOptions) -> None:
-        super().__init__(options.steps)
+        super().__init__(options.steps, regions=options.aggregation == "per-step-centre")
         self.options = options
         # x0 is the same at every step: blur its SSIM moments once, not K times.
         image_ssim = options.ssim_target == "image" and options.ssim_weighting != "none"
