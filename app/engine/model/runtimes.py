@@ -164,8 +164,7 @@ class OnnxRuntime:
 def torch_threads_beside(runtime: NoiseRuntime | str, threads: int) -> int:
     """Torch's intra-op threads next to ``runtime`` (or its name) when the UNet gets ``threads``: all of them
     for torch itself; one when the UNet runs in another runtime's own pool, which then needs the cores. Two
-    spinning pools on the same cores slow each other down: ONNX Runtime on 2 threads with torch on 2 scored
-    5.9 / 16.2 images/s at batch 1 / 32, with torch on 1 thread 11.3 / 20.9 (PERFORMANCE.md, "runtimes").
+    spinning pools on the same cores slow each other down (docs/PERFORMANCE.md#runtimes).
     Torch's count is process-wide, so the entry points set it once at start-up (app/bootstrap.py)."""
     name = runtime if isinstance(runtime, str) else runtime.name
     return threads if name == "torch" else 1
