@@ -1,8 +1,8 @@
 """Peak memory of a live server under concurrent maximal requests.
 
-    python benchmarks/request_memory.py --json benchmarks/results/request_memory/2026-12-02-cpu.json
+    python -m benchmarks.request_memory --json benchmarks/results/request_memory/2026-12-02-cpu.json
 
-Starts ``python -m app serve`` (the shipped model, one torch thread, a random port in 18000-18999) once
+Starts ``python -m app serve`` (the shipped model, one torch thread, a free port) once
 per scenario, so that each peak (``VmHWM`` of the server process) is that scenario's own. A scenario sends
 ``--clients`` requests at once, each a maximal body that is accepted: just under the 20 MiB body cap
 (``DDM_MAX_UPLOAD_BYTES``), holding four 4096×4096 JPEGs (the per-image pixel cap, and together exactly
@@ -26,9 +26,7 @@ import io
 import json
 import os
 import platform
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +38,8 @@ from typing import Any
 import httpx
 import numpy as np
 from PIL import Image
+
+from benchmarks.service_load import spawn_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILE = ROOT / "model_store" / "celeba32-ref" / "profiles" / "default.json"
@@ -110,50 +110,17 @@ def bodies() -> dict[str, tuple[bytes, str]]:
     return out
 
 
-def free_port() -> int:
-    for _ in range(100):
-        port = random.randint(18000, 18999)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise SystemExit("no free port in 18000-18999")
-
-
 def start_server(settings: dict[str, str], workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     profiles = workdir / "profiles"
     profiles.mkdir(exist_ok=True)
     shutil.copy(DEFAULT_PROFILE, profiles / "default.json")
-    port = free_port()
     env = {
-        **os.environ,
-        "DDM_HOST": "127.0.0.1",
-        "DDM_PORT": str(port),
-        "DDM_PROFILES_DIR": str(profiles),
         "DDM_TORCH_THREADS": "1",
         "DDM_LOG_LEVEL": "warning",
         "DDM_REQUEST_TIMEOUT_S": "600",  # every request is computed: the peak of the whole work is measured
         **settings,
     }
-    log = (workdir / f"server-{port}.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve"], cwd=ROOT, env=env, stdout=log, stderr=log
-    )
-    url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 300
-    while time.monotonic() < end:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited during start-up; see {log.name}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    process.kill()
-    raise SystemExit("server not ready after 300 s")
+    return spawn_server(env, workdir)
 
 
 def memory_mib(pid: int) -> dict[str, float]:
@@ -244,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [scenario(name, *made[name], args, Path(tmp)) for name in args.scenarios]
     result = {
         "measured": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
-        "command": "python benchmarks/request_memory.py "
+        "command": "python -m benchmarks.request_memory "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {
             "cpu": platform.processor() or platform.machine(),

@@ -203,7 +203,7 @@ def spawn_server(env: dict[str, str], workdir: Path) -> tuple[subprocess.Popen[b
         "DDM_ALLOW_OPEN_PROFILE_CREATION": "true",
         **env,
     }
-    log = (workdir / "server.log").open("wb")
+    log = (workdir / f"server-{port}.log").open("wb")  # one per server when a folder holds several
     process = subprocess.Popen(
         [sys.executable, "-m", "app", "serve"], cwd=ROOT, env=full_env, stdout=log, stderr=log
     )
@@ -211,7 +211,7 @@ def spawn_server(env: dict[str, str], workdir: Path) -> tuple[subprocess.Popen[b
     end = time.monotonic() + 300
     while time.monotonic() < end:
         if process.poll() is not None:
-            raise SystemExit(f"server exited during start-up; see {workdir / 'server.log'}")
+            raise SystemExit(f"server exited during start-up; see {log.name}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return process, url
