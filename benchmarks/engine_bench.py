@@ -61,6 +61,9 @@ def feature_names(options: MethodOptions) -> list[str]:
     if options.aggregation == "sum":
         return list(SUM_NAMES)
     k = options.steps
+    if options.aggregation == "per-step-centre":
+        return [f"log energy {q}_{i} {r}" for q, n in (("a", k), ("da", k - 1)) for i in range(n)
+                for r in ("centre", "border")]  # fmt: skip
     return [f"log energy a_{i}" for i in range(k)] + [f"log energy da_{i}" for i in range(k - 1)]
 
 

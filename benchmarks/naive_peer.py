@@ -44,6 +44,14 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch
     return luminance * (2 * sigma_xy + c2) / (sigma_xx + sigma_yy + c2)
 
 
+def centre_and_border(q: np.ndarray) -> list[float]:
+    """(C, H, W) -> [energy of the middle half of each side, energy of the rest]."""
+    energy = (q**2).sum(axis=0)
+    h, w = energy.shape
+    centre = float(energy[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4].sum())
+    return [centre, float(energy.sum()) - centre]
+
+
 def features(
     unet: UNet2DModel,
     scheduler: DDIMScheduler,
@@ -54,7 +62,8 @@ def features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One (C, H, W) image in [-1, 1] -> (features, heat map), DDIM inversion with SSIM amplification.
     ``autocast``: run the UNet under bf16/fp16 autocast (what a port would do on a GPU). ``aggregation``:
-    "per-step" = log energy of each step and each difference (2K - 1 values), "sum" = METHOD.md's six sums."""
+    "per-step" = log energy of each step and each difference (2K - 1 values), "per-step-centre" = the same
+    for the centre and the border of the image (2 (2K - 1) values), "sum" = METHOD.md's six sums."""
     T = scheduler.config.num_train_timesteps
     timesteps = [round(k * (T - 1) / (steps - 1)) for k in range(steps)]
     x0 = image[None]
@@ -77,6 +86,11 @@ def features(
     da = np.diff(a, axis=0) * steps
     if aggregation == "sum":
         feats = np.array([a.sum(), (a**2).sum(), (a**3).sum(), da.sum(), (da**2).sum(), (da**3).sum()])
+    elif aggregation == "per-step-centre":
+        energies = [e for q in a for e in centre_and_border(q)] + [
+            e for q in da for e in centre_and_border(q)
+        ]
+        feats = np.log(np.array(energies))
     else:
         energies = [(q**2).sum() for q in a] + [(q**2).sum() for q in da]
         feats = np.log(np.array(energies))

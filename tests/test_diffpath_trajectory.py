@@ -184,7 +184,8 @@ def test_replayed_diffpath_6d_sums_are_diffpaths_statistics(tmp_path: Path, ref:
 
 
 def test_every_method_runs_on_the_diffpath_trajectory(tmp_path: Path, ref: dict) -> None:
-    for method, width in (("diffpath-v2", 19), ("diffpath-6d", 19), ("diffpath-1d", 1)):
+    # default per-step-centre features: centre and border energy of K steps and K - 1 rates of change
+    for method, width in (("diffpath-v2", 38), ("diffpath-6d", 38), ("diffpath-1d", 1)):
         model = replay_model(tmp_path / method, ref)
         options = MethodOptions(method=method, trajectory="diffpath")  # type: ignore[arg-type]
         with torch.inference_mode():
