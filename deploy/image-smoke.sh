@@ -82,6 +82,7 @@ common_env=(
   DDM_DRAIN_TIMEOUT_S=30
   DDM_API_KEYS=
   DDM_LOG_LEVEL=info
+  DDM_LOG_FORMAT=text
 )
 cpu_env=(
   DDM_DEVICE=cpu
