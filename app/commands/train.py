@@ -19,7 +19,7 @@ folders of PNG/JPEG images (centre square crop, bicubic resize, random horizonta
 Output (a diffusers model folder): OUT/unet (EMA weights, safetensors), OUT/scheduler, OUT/training.json,
 OUT/log.jsonl, and OUT/checkpoints/step-XXXXXX/ (each a loadable model + resume state + samples.png).
 If OUT already holds a checkpoint, training resumes from the newest one; --steps/--minutes are totals
-over all sessions, so re-running the same command after an interruption finishes the same run.
+over every invocation, so re-running the same command after an interruption finishes the same run.
 SIGINT/SIGTERM stop after the current step and save a checkpoint."""
 
 EPILOG = """\
@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="feature-map sizes with self-attention; 'none' for none (default 8)")  # fmt: skip
     model.add_argument("--dropout", type=float, default=0.1, help="dropout (default 0.1)")
 
-    budget = p.add_argument_group("budget (totals over all sessions; whichever comes first)")
+    budget = p.add_argument_group("budget (totals over every invocation of the run; whichever comes first)")
     budget.add_argument("--steps", type=int, metavar="N", help="stop after N optimiser steps")
     budget.add_argument("--minutes", type=float, metavar="M", help="stop after M minutes of training")
 

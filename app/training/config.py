@@ -1,4 +1,4 @@
-"""What a training run is made of (``TrainConfig``) and what a session of it returns (``TrainResult``)."""
+"""What a training run is made of (``TrainConfig``) and what one invocation returns (``TrainResult``)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from app.errors import InvalidInput
 
 @dataclass
 class TrainConfig:
-    """Everything a training run is made of. ``steps`` and ``minutes`` are totals over all sessions of the
-    run (a resumed run stops at the same point an uncut one would); at least one must be set."""
+    """Everything a training run is made of. ``steps`` and ``minutes`` are totals over every invocation
+    of the run (a resumed run stops at the same point an uncut one would); at least one must be set."""
 
     images: list[Path]
     out: Path

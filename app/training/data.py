@@ -107,7 +107,7 @@ class BatchSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["n"]) != self.n:
-            # The data changed between sessions: start a fresh epoch rather than index out of range.
+            # The data changed between invocations: start a fresh epoch rather than index out of range.
             logger.warning("image count changed (%d -> %d); starting a new epoch", state["n"], self.n)
             return
         self._perm = state["perm"].clone()

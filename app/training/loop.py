@@ -75,7 +75,7 @@ def _initial_model(
 
 
 class Trainer:
-    """One session of a training run in ``config.out``: built from the newest resumable checkpoint
+    """One invocation of a training run in ``config.out``: built from the newest resumable checkpoint
     (``restore``) or from scratch / ``init_from``, it runs optimiser ``step``s, writes ``checkpoint``s and
     finally ``record``s the run (``training.json``). The order of every random draw is part of the contract: a
     resumed run must continue exactly the stream an uncut one would have drawn."""
@@ -148,7 +148,7 @@ class Trainer:
         return self.record(stop_reason)
 
     def stop_reason(self, stop: threading.Event | None) -> str | None:
-        """Why the session ends before the next step ("steps", "minutes", "interrupted"), or None."""
+        """Why this invocation ends before the next step ("steps", "minutes", "interrupted"), or None."""
         if self.config.steps is not None and self.step_count >= self.config.steps:
             return "steps"
         if self.config.minutes is not None and self.elapsed() >= self.config.minutes * 60:
@@ -252,7 +252,7 @@ class Trainer:
         logger.info("checkpoint %s (loss_ema %.4f)", folder, loss_ema)
 
     def elapsed(self) -> float:
-        """Training seconds of the whole run (earlier sessions included)."""
+        """Training seconds of the whole run, every resumed invocation of the command included."""
         return self.elapsed_before + time.monotonic() - self.t0
 
     def ema_model(self) -> UNet2DModel:
@@ -269,7 +269,7 @@ class Trainer:
         now = {**self.session, "to_step": self.step_count, "wall_s": round(time.monotonic() - self.t0, 1)}
         return [*self.sessions, now]
 
-    # --- the end of a session ------------------------------------------------------------------------------
+    # --- the end of an invocation ---------------------------------------------------------------------------
     def record(self, stop_reason: str) -> TrainResult:
         """Write the EMA model to ``out/unet`` + ``out/scheduler`` and the run to ``out/training.json``."""
         wall = self.elapsed()
@@ -286,7 +286,8 @@ class Trainer:
         )  # fmt: skip
 
     def run_record(self, stop_reason: str, wall: float, session_rate: float) -> dict[str, Any]:
-        """training.json: data, architecture, optimisation, where and how long, the sessions, the config."""
+        """training.json: data, architecture, optimisation, where and how long (one ``sessions`` entry per
+        invocation of the command), the config."""
         config, unet, scheduler = self.config, self.unet, self.scheduler
         return {
             "data": [{"folder": k, "images": v} for k, v in self.cache.counts.items()],
