@@ -24,10 +24,12 @@ ENERGY_FLOOR = 1e-12
 HEAT_NOISE_RANGE = (0.01, 0.65)
 
 
-def power_sums(q: torch.Tensor) -> torch.Tensor:
-    """(B, ...) -> (B, 3): sum q, sum q^2, sum q^3 over everything but the batch axis."""
+def power_sums(q: torch.Tensor, squared: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, ...) -> (B, 3): sum q, sum q^2, sum q^3 over everything but the batch axis. ``squared``: q^2
+    when the caller has it already (the region energies need it too)."""
     flat = q.flatten(1)
-    return torch.stack([flat.sum(1), flat.pow(2).sum(1), flat.pow(3).sum(1)], dim=-1)
+    squares = flat.pow(2) if squared is None else squared.flatten(1)
+    return torch.stack([flat.sum(1), squares.sum(1), flat.pow(3).sum(1)], dim=-1)
 
 
 def stein_error(step: TrajectoryStep, options: MethodOptions) -> torch.Tensor:
@@ -38,12 +40,12 @@ def stein_error(step: TrajectoryStep, options: MethodOptions) -> torch.Tensor:
     return error
 
 
-def centre_border_energy(q: torch.Tensor) -> torch.Tensor:
+def centre_border_energy(q: torch.Tensor, squared: torch.Tensor | None = None) -> torch.Tensor:
     """(B, C, H, W) -> (B, 2): sum of q^2 over the centre (the middle half of each side, a quarter of the
     pixels) and over the border around it. Aligned faces put the face in the centre and background, hair
     and shoulders in the border; where the error sits separates faces from photos that are not faces
     (ACCURACY.md: CelebA vs CIFAR-10 0.961 against 0.952 with one energy per step, development split)."""
-    energy = q.pow(2).sum(dim=1)
+    energy = (q.pow(2) if squared is None else squared).sum(dim=1)
     h, w = energy.shape[-2:]
     centre = energy[:, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4].sum(dim=(1, 2))
     return torch.stack([centre, energy.sum(dim=(1, 2)) - centre], dim=-1)
@@ -68,14 +70,9 @@ class PathAccumulator:
     def add(self, q: torch.Tensor, heat_source: torch.Tensor, abar: torch.Tensor | None = None) -> None:
         """One step: q's power sums, and |heat_source| into the heat map when the step's ``abar`` is in
         HEAT_NOISE_RANGE (every step when None). Masked on the device: no host sync inside the walk."""
-        self.step_sums.append(power_sums(q))
-        if self.regions:
-            self.step_regions.append(centre_border_energy(q))
+        self.step_sums.append(self._sums(q, self.step_regions))
         if self._previous is not None:
-            delta = (q - self._previous) * self.steps
-            self.delta_sums.append(power_sums(delta))
-            if self.regions:
-                self.delta_regions.append(centre_border_energy(delta))
+            self.delta_sums.append(self._sums((q - self._previous) * self.steps, self.delta_regions))
         self._previous = q
         heat = heat_source.abs().mean(dim=1)
         inside = torch.ones((), dtype=heat.dtype, device=heat.device)
@@ -84,6 +81,13 @@ class PathAccumulator:
         self.heat_all = heat if self.heat_all is None else self.heat_all + heat
         self.heat = heat * inside if self.heat is None else self.heat + heat * inside
         self.heat_steps = inside if self.heat_steps is None else self.heat_steps + inside
+
+    def _sums(self, q: torch.Tensor, regions: list[torch.Tensor]) -> torch.Tensor:
+        """q's power sums, and its centre/border energies into ``regions``, from one q^2."""
+        squared = q.pow(2)
+        if self.regions:
+            regions.append(centre_border_energy(q, squared))
+        return power_sums(q, squared)
 
     def result(self, timesteps: list[int], aggregation: str = "sum", one_d: bool = False) -> BatchStats:
         """Features from the accumulated sums: the six sums over steps (``"sum"``), the log energy of
