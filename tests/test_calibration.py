@@ -96,8 +96,13 @@ def test_a_profile_from_before_the_aggregation_option_means_the_six_sums(tmp_pat
     del data["options"]["aggregation"]  # what every profile written before the option looked like
     (tmp_path / "old.json").write_text(json.dumps(data))
     assert ProfileStore(tmp_path, "model@abc", sums).get("old").options.aggregation == "sum"
+    # a service whose new profiles use other features still serves it, with its own six sums
+    assert (
+        ProfileStore(tmp_path, "model@abc", MethodOptions(aggregation="per-step")).get("old").options == sums
+    )
+    # what a profile must share with its service is the walk: another K is refused
     with pytest.raises(ProfileMismatch, match="method options"):
-        ProfileStore(tmp_path, "model@abc", MethodOptions(aggregation="per-step")).get("old")
+        ProfileStore(tmp_path, "model@abc", MethodOptions(aggregation="sum", steps=20)).get("old")
 
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", "", ".hidden", "x" * 80, "naïve", "a b", "a..b"])

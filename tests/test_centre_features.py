@@ -42,19 +42,25 @@ def test_per_step_centre_features_are_log_region_energies_of_steps_then_rates():
     per_step = plain.result([0, 1, 2], "per-step").features
     torch.testing.assert_close(features.exp().reshape(2, -1, 2).sum(-1).log(), per_step)
     torch.testing.assert_close(acc.result([0, 1, 2], "per-step").features, per_step)
-    with pytest.raises(ValueError, match="regions=True"):
-        plain.result([0, 1, 2], "per-step-centre")
+    # every accumulator keeps the grid: any aggregation can be read from any walk
+    torch.testing.assert_close(plain.result([0, 1, 2], "per-step-centre").features, features)
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        plain.result([0, 1, 2], "per-step-corner")
 
 
 def test_the_default_is_per_step_centre_and_profiles_keep_their_own_features(tmp_path: Path):
     shipped = json.loads((SHIPPED_MODEL / "profiles" / "default.json").read_text())
     assert MethodOptions().aggregation == "per-step-centre" == shipped["options"]["aggregation"]
     assert MethodOptions().density_reg() == 0.1
-    # a profile fitted on the whole-image per-step energies (the default before) still loads under its own
-    # options, and a service with the new default refuses it instead of scoring other features with it
+    # a profile fitted on the whole-image per-step energies (the default before) loads under its own
+    # options, and a service with the new default serves it with those, not with the service's features
     old = {**shipped, "options": {**shipped["options"], "aggregation": "per-step"}}
     (tmp_path / "before.json").write_text(json.dumps(old))
     per_step = MethodOptions(aggregation="per-step")
     assert ProfileStore(tmp_path, shipped["model_id"], per_step).get("before").options == per_step
+    assert ProfileStore(tmp_path, shipped["model_id"], MethodOptions()).get("before").options == per_step
+    # but a profile of another walk (here K = 20) is refused, never scored with features of another walk
+    other_walk = {**shipped, "options": {**shipped["options"], "steps": 20}}
+    (tmp_path / "k20.json").write_text(json.dumps(other_walk))
     with pytest.raises(ProfileMismatch, match="method options"):
-        ProfileStore(tmp_path, shipped["model_id"], MethodOptions()).get("before")
+        ProfileStore(tmp_path, shipped["model_id"], MethodOptions()).get("k20")

@@ -148,6 +148,11 @@ def _to_host(stats: BatchStats) -> dict[str, np.ndarray]:
         "delta_sums": stats.delta_sums.double().cpu().numpy(),
         "heatmap": stats.heatmap.float().cpu().numpy(),
         "timesteps": np.asarray(stats.timesteps, dtype=np.int64),
+        **{
+            name: grid.double().cpu().numpy()
+            for name, grid in (("step_grid", stats.step_grid), ("delta_grid", stats.delta_grid))
+            if grid is not None
+        },
     }
 
 
@@ -163,6 +168,8 @@ def _split(host: dict[str, np.ndarray], n: int) -> list[ImageStats]:
                 timesteps=host["timesteps"],
                 heatmap=host["heatmap"][i],
                 finite=bool(np.isfinite(features).all()),
+                step_grid=host["step_grid"][i] if "step_grid" in host else None,
+                delta_grid=host["delta_grid"][i] if "delta_grid" in host else None,
             )
         )
     return out

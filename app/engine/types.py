@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
+
+# Options a profile chooses for itself (with ``aggregation``), whatever the service's walk.
+PROFILE_OWN_DENSITY = ("mixture_max_components", "covariance_type", "covariance_reg")
 
 # A registered method's name: the methods are plug-ins (app.engine.methods: ``names()`` lists them,
 # ``get(name)`` describes one), checked where settings and profiles are read.
@@ -75,13 +78,26 @@ class MethodOptions:
         return cls(**values)
 
     def feature_key(self) -> dict[str, Any]:
-        """The options that change the feature vector (what a profile must match; density settings
-        are the profile's own business)."""
+        """The options that change the feature vector (density settings are the profile's own business)."""
         d = self.to_dict()
-        d.pop("mixture_max_components")
-        d.pop("covariance_type")
-        d.pop("covariance_reg")
+        for key in PROFILE_OWN_DENSITY:
+            d.pop(key)
         return d
+
+    def walk_key(self) -> dict[str, Any]:
+        """The options that change what the walk measures: what a profile must share with the service to
+        be served. The aggregation is not among them: every aggregation derives from the same sums
+        (methods/aggregations.py), so each profile keeps the features it was fitted with."""
+        d = self.feature_key()
+        d.pop("aggregation")
+        return d
+
+    def with_profile_options(self, **changes: Any) -> MethodOptions:
+        """These walk options with a profile's own choices (aggregation, density settings)."""
+        unknown = set(changes) - {"aggregation", *PROFILE_OWN_DENSITY}
+        if unknown:
+            raise ValueError(f"not a profile's own option: {', '.join(sorted(unknown))}")
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,10 @@ class ImageStats:
     timesteps: np.ndarray
     heatmap: np.ndarray
     finite: bool = True
+    # path methods: per-step energies on a grid per channel, (K, C, G, G) and (K-1, C, G, G); a profile with
+    # other feature options derives its own features from them (methods/aggregations.py)
+    step_grid: np.ndarray | None = None
+    delta_grid: np.ndarray | None = None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from app.engine.calibration.fit import fit_profile
-from app.engine.calibration.profile import Profile
+from app.engine.calibration.profile import Profile, features_under
 from app.engine.calibration.store import ProfileStore, validate_profile_name
 from app.engine.calibration.thresholds import validate_fprs
 from app.engine.preprocessing import PreparedImage
@@ -101,23 +101,23 @@ class ProfileAdmin:
         settings = self.settings
         chunk = max(1, min(settings.max_batch_size, settings.max_queue_images // 2,
                            settings.max_decode_queue_images))  # fmt: skip
-        features: list[np.ndarray] = []
-        heatmaps: list[np.ndarray] = []  # the profile's per-pixel heat-map statistics come from these
+        stats: list[ImageStats] = []
         for start in range(0, len(images), chunk):
             prepared = await _when_room(partial(self._decode, images[start : start + chunk]))
             done = await _when_room(partial(self._compute, prepared))
-            features.extend(s.features for s in done.outputs)
-            heatmaps.extend(s.heatmap for s in done.outputs)
+            stats.extend(done.outputs)
+        options = self.engine.options
+        heatmaps = np.stack([s.heatmap for s in stats]) if stats else None
         return await asyncio.to_thread(
             fit_profile,
             name,
-            np.stack(features) if features else np.empty((0, 0)),
+            features_under(options, stats),
             model_id=self.engine.info.model_id,
-            options=self.engine.options,
+            options=options,
             fprs=fprs,
             default_fpr=default_fpr,
             source=source,
-            heatmaps=np.stack(heatmaps) if heatmaps else None,
+            heatmaps=heatmaps,
         )
 
 

@@ -20,10 +20,10 @@ import datetime as dt
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from app.engine.calibration.heatmap import HeatmapCalibration
 from app.engine.calibration.thresholds import fpr_key, verdict
 from app.engine.types import ImageStats, MethodOptions, Verdict
 from app.errors import ProfileMismatch
+
+if TYPE_CHECKING:
+    from app.engine.methods.base import Method
 
 FORMAT_VERSION = 2
 # MIGRATIONS[v] upgrades a version-v document to version v + 1; ``from_dict`` applies them in turn.
@@ -72,10 +75,14 @@ class Profile:
     def threshold(self) -> float:
         return self.thresholds[fpr_key(self.default_fpr)]
 
+    def features(self, stats: Sequence[ImageStats]) -> np.ndarray:
+        """(N, D): each image's features under this profile's own options (``features_under``)."""
+        return features_under(self.options, stats)
+
     def verdicts(self, stats: list[ImageStats]) -> list[Verdict]:
         if not stats:
             return []
-        scores = self.score(np.stack([s.features for s in stats]))
+        scores = self.score(self.features(stats))
         return [self.verdict(float(v)) for v in scores]
 
     def verdict(self, score: float) -> Verdict:
@@ -181,7 +188,7 @@ class Profile:
             raise ProfileMismatch(
                 f"{path.name}: made for model {profile.model_id}, loaded model is {model_id}"
             )
-        if options is not None and profile.options.feature_key() != options.feature_key():
+        if options is not None and served_key(profile.options) != served_key(options):
             raise ProfileMismatch(f"{path.name}: {options_mismatch(profile.options, options)}")
         return profile
 
@@ -197,24 +204,41 @@ def upgrade(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def _check_method(name: str, density_kind: str) -> None:
-    """Refuse a profile of a method this build does not have, or with another density than its method's."""
+def features_under(options: MethodOptions, stats: Sequence[ImageStats]) -> np.ndarray:
+    """(N, D): each image's features under ``options`` (its aggregation, from the sums of one walk that
+    serves every profile; methods/aggregations.py). Fitting and scoring both read features through here."""
+    method = _method(options.method)
+    return np.stack([method.image_features(s, options) for s in stats]) if stats else np.zeros((0, 0))
+
+
+def served_key(options: MethodOptions) -> dict[str, Any]:
+    """What a profile must share with the service that serves it: the walk (``MethodOptions.walk_key``),
+    and the aggregation too for a method whose features are not an aggregation of the shared sums."""
+    return options.walk_key() if _method(options.method).aggregated else options.feature_key()
+
+
+def _method(name: str) -> Method:
     # imported here: the methods load torch, and app.client reads this package's names without it
     from app.engine.methods import get
 
     try:
-        method = get(name)
+        return get(name)
     except ValueError as exc:
         raise ProfileMismatch(str(exc)) from None
+
+
+def _check_method(name: str, density_kind: str) -> None:
+    """Refuse a profile of a method this build does not have, or with another density than its method's."""
+    method = _method(name)
     if method.density.kind != density_kind:
         raise ProfileMismatch(f"a {density_kind} density for {name}, which uses {method.density.kind}")
 
 
 def options_mismatch(profile: MethodOptions, service: MethodOptions) -> str:
     """Why a profile's options do not match, naming what differs first (e.g. "trajectory: profile ddim,
-    service diffpath"): a profile fitted along another trajectory, K or aggregation describes other features
-    and is never used."""
-    mine, theirs = profile.feature_key(), service.feature_key()
+    service diffpath"): a profile fitted along another trajectory, K or method describes other walks and is
+    never used (its aggregation and density are its own)."""
+    mine, theirs = served_key(profile), served_key(service)
     differ = "; ".join(
         f"{key}: profile {mine.get(key)!r}, service {theirs.get(key)!r}"
         for key in sorted(set(mine) | set(theirs))

@@ -22,14 +22,16 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
 
+import numpy as np
 import torch
 
 from app.engine.calibration.density import DensityClass
+from app.engine.methods.aggregations import PathBank, aggregate
 
 if TYPE_CHECKING:
     from app.engine.model.loading import LoadedModel
     from app.engine.trajectory import TrajectoryStep
-    from app.engine.types import MethodOptions
+    from app.engine.types import ImageStats, MethodOptions
 
 # Default shrinkage added to a standardised covariance (MethodOptions.covariance_reg = None).
 DEFAULT_COVARIANCE_REG = 1e-4
@@ -44,6 +46,9 @@ class BatchStats:
     delta_sums: torch.Tensor  # (B, K-1, 3)
     heatmap: torch.Tensor  # (B, H, W)
     timesteps: list[int]
+    # path methods: the per-step grid energies every aggregation reads (aggregations.py); None otherwise
+    step_grid: torch.Tensor | None = None  # (B, K, C, G, G)
+    delta_grid: torch.Tensor | None = None  # (B, K-1, C, G, G)
 
 
 class WalkSums(Protocol):
@@ -61,16 +66,33 @@ class Method(ABC):
 
     name: ClassVar[str]
     density: ClassVar[DensityClass]
+    # True when ``features`` is ``options.aggregation`` of the walk's sums and grids (aggregations.py): then a
+    # profile may choose its own aggregation and is served from the same walk. A method deriving its
+    # features otherwise leaves it False and its profiles must match the service's aggregation.
+    aggregated: ClassVar[bool] = False
 
     def default_covariance_reg(self, options: MethodOptions) -> float:
         """The density's covariance shrinkage when ``options.covariance_reg`` is None."""
         return DEFAULT_COVARIANCE_REG
+
+    def image_features(self, stats: ImageStats, options: MethodOptions) -> np.ndarray:
+        """An image's features under ``options`` from what the engine measured (host side): how a profile
+        with its own feature options reads an image walked once for every profile. Default: the features
+        the engine computed."""
+        return stats.features
 
 
 class PathMethod(Method, Generic[SumsT]):
     """A method whose features are sums along the shared trajectory walk."""
 
     walk_key: ClassVar[str]  # methods with equal keys share one ``start_walk`` result per batch
+
+    def image_features(self, stats: ImageStats, options: MethodOptions) -> np.ndarray:
+        """The aggregation ``options.aggregation`` of the image's sums and grids (aggregations.py), in float64
+        on the host."""
+        if not self.aggregated or stats.step_grid is None or stats.delta_grid is None:
+            return stats.features
+        return aggregate(_bank_of(stats), options.aggregation)[0].numpy()
 
     @abstractmethod
     def start_walk(self, x0: torch.Tensor, options: MethodOptions) -> SumsT:
@@ -89,3 +111,12 @@ class PassMethod(Method):
         self, model: LoadedModel, x0: torch.Tensor, options: MethodOptions, digests: list[bytes] | None
     ) -> BatchStats:
         """Statistics for a batch x0 (B, C, H, W) in [-1, 1]; ``digests`` seed content-derived noise."""
+
+
+def _bank_of(stats: ImageStats) -> PathBank:
+    """One image's host arrays as a batch of one (float64, as the host copy keeps them)."""
+    assert stats.step_grid is not None and stats.delta_grid is not None
+    return PathBank(
+        *(torch.from_numpy(np.asarray(a, dtype=np.float64))[None]
+          for a in (stats.step_sums, stats.delta_sums, stats.step_grid, stats.delta_grid))
+    )  # fmt: skip

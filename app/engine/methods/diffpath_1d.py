@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from app.engine.calibration.density import KernelDensity1D
@@ -12,7 +13,7 @@ from app.engine.methods.base import BatchStats, PathMethod
 from app.engine.methods.diffpath_6d import NOISE_PATH, NoisePathSums
 
 if TYPE_CHECKING:
-    from app.engine.types import MethodOptions
+    from app.engine.types import ImageStats, MethodOptions
 
 
 class DiffPath1D(PathMethod[NoisePathSums]):
@@ -25,6 +26,9 @@ class DiffPath1D(PathMethod[NoisePathSums]):
 
     def features(self, sums: NoisePathSums, timesteps: list[int], options: MethodOptions) -> BatchStats:
         return sums.result(timesteps, options.aggregation, one_d=True)
+
+    def image_features(self, stats: ImageStats, options: MethodOptions) -> np.ndarray:
+        return stats.features  # one value whatever the aggregation
 
 
 METHOD = DiffPath1D()

@@ -22,7 +22,7 @@ class NoisePathSums(PathAccumulator):
     """Power sums of eps_k and of its rate of change."""
 
     def __init__(self, x0: torch.Tensor, options: MethodOptions) -> None:
-        super().__init__(options.steps, regions=options.aggregation == "per-step-centre")
+        super().__init__(options.steps)
         self.options = options
 
     def add_step(self, step: TrajectoryStep) -> None:
@@ -32,6 +32,7 @@ class NoisePathSums(PathAccumulator):
 class DiffPath6D(PathMethod[NoisePathSums]):
     name = "diffpath-6d"
     density = GaussianMixtureDensity
+    aggregated = True
     walk_key = NOISE_PATH
 
     def start_walk(self, x0: torch.Tensor, options: MethodOptions) -> NoisePathSums:

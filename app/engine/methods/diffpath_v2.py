@@ -50,7 +50,7 @@ class AmplifiedErrorSums(PathAccumulator):
     """Power sums of a_k and of its rate of change; heat map: mean |a_k|."""
 
     def __init__(self, x0: torch.Tensor, options: MethodOptions) -> None:
-        super().__init__(options.steps, regions=options.aggregation == "per-step-centre")
+        super().__init__(options.steps)
         self.options = options
         # x0 is the same at every step: blur its SSIM moments once, not K times.
         image_ssim = options.ssim_target == "image" and options.ssim_weighting != "none"
@@ -64,6 +64,7 @@ class AmplifiedErrorSums(PathAccumulator):
 class DiffPathV2(PathMethod[AmplifiedErrorSums]):
     name = "diffpath-v2"
     density = GaussianMixtureDensity
+    aggregated = True
     walk_key = "amplified-error"
 
     def start_walk(self, x0: torch.Tensor, options: MethodOptions) -> AmplifiedErrorSums:

@@ -10,14 +10,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from app.engine.methods.aggregations import GRID, PathBank, aggregate, one_d_feature, region_energies
 from app.engine.methods.base import BatchStats
 
 if TYPE_CHECKING:
     from app.engine.trajectory import TrajectoryStep
     from app.engine.types import MethodOptions
 
-# Smallest energy the per-step features take the log of (a map of exact zeros would give -inf).
-ENERGY_FLOOR = 1e-12
 # The heat map averages the steps whose signal fraction abar lies in this range: at low noise the model
 # reproduces almost any patch, near pure noise its error covers the whole image; a pasted patch stands out
 # in between (pixel AUROC 0.93 against 0.90 with every step: docs/ACCURACY.md, benchmarks/heatmap_eval.py).
@@ -45,23 +44,38 @@ def centre_border_energy(q: torch.Tensor, squared: torch.Tensor | None = None) -
     pixels) and over the border around it. Aligned faces put the face in the centre and background, hair
     and shoulders in the border; where the error sits separates faces from photos that are not faces
     (ACCURACY.md: CelebA vs CIFAR-10 0.961 against 0.952 with one energy per step, development split)."""
-    energy = (q.pow(2) if squared is None else squared).sum(dim=1)
-    h, w = energy.shape[-2:]
-    centre = energy[:, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4].sum(dim=(1, 2))
-    return torch.stack([centre, energy.sum(dim=(1, 2)) - centre], dim=-1)
+    return region_energies(grid_energy(q.pow(2) if squared is None else squared)[:, None])
+
+
+def grid_energy(squared: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) squared map -> (B, C, GRID, GRID): its sum over each cell of a GRID x GRID grid (rows and
+    columns split as evenly as ``torch.tensor_split`` does). Every aggregation derives from these cells and
+    the power sums, so one walk serves profiles with different features (aggregations.py)."""
+    b, c, h, w = squared.shape
+    if h % GRID == 0 and w % GRID == 0:
+        return squared.reshape(b, c, GRID, h // GRID, GRID, w // GRID).sum(dim=(3, 5))
+    rows = torch.tensor_split(squared, GRID, dim=2)
+    return torch.stack(
+        [
+            torch.stack([cell.sum(dim=(2, 3)) for cell in torch.tensor_split(r, GRID, dim=3)], -1)
+            for r in rows
+        ],
+        dim=-2,
+    )
 
 
 class PathAccumulator:
-    """Running per-step power sums of a trajectory quantity q_k and of dq_k = (q_{k+1} - q_k) * K."""
+    """Running per-step power sums of a trajectory quantity q_k and of dq_k = (q_{k+1} - q_k) * K, and the
+    energy of both on a GRID x GRID grid per channel (what every aggregation reads; aggregations.py)."""
 
-    def __init__(self, steps: int, regions: bool = False) -> None:
+    def __init__(self, steps: int, regions: bool = True) -> None:
+        # ``regions`` is accepted for callers written before the grid was always kept; the grid costs one
+        # pooling of q^2 per step, nothing beside the UNet
         self.steps = steps
         self.step_sums: list[torch.Tensor] = []
         self.delta_sums: list[torch.Tensor] = []
-        # energies of the centre and the border per step and per rate of change (``per-step-centre``)
-        self.regions = regions
-        self.step_regions: list[torch.Tensor] = []
-        self.delta_regions: list[torch.Tensor] = []
+        self.step_grid: list[torch.Tensor] = []
+        self.delta_grid: list[torch.Tensor] = []
         self.heat: torch.Tensor | None = None
         self.heat_all: torch.Tensor | None = None  # every step: the map when no step is in the range
         self.heat_steps: torch.Tensor | None = None  # how many steps the heat map holds (0-d)
@@ -70,9 +84,9 @@ class PathAccumulator:
     def add(self, q: torch.Tensor, heat_source: torch.Tensor, abar: torch.Tensor | None = None) -> None:
         """One step: q's power sums, and |heat_source| into the heat map when the step's ``abar`` is in
         HEAT_NOISE_RANGE (every step when None). Masked on the device: no host sync inside the walk."""
-        self.step_sums.append(self._sums(q, self.step_regions))
+        self.step_sums.append(self._sums(q, self.step_grid))
         if self._previous is not None:
-            self.delta_sums.append(self._sums((q - self._previous) * self.steps, self.delta_regions))
+            self.delta_sums.append(self._sums((q - self._previous) * self.steps, self.delta_grid))
         self._previous = q
         heat = heat_source.abs().mean(dim=1)
         inside = torch.ones((), dtype=heat.dtype, device=heat.device)
@@ -82,42 +96,28 @@ class PathAccumulator:
         self.heat = heat * inside if self.heat is None else self.heat + heat * inside
         self.heat_steps = inside if self.heat_steps is None else self.heat_steps + inside
 
-    def _sums(self, q: torch.Tensor, regions: list[torch.Tensor]) -> torch.Tensor:
-        """q's power sums, and its centre/border energies into ``regions``, from one q^2."""
+    def _sums(self, q: torch.Tensor, grid: list[torch.Tensor]) -> torch.Tensor:
+        """q's power sums, and its grid energies into ``grid``, from one q^2."""
         squared = q.pow(2)
-        if self.regions:
-            regions.append(centre_border_energy(q, squared))
+        grid.append(grid_energy(squared))
         return power_sums(q, squared)
 
     def result(self, timesteps: list[int], aggregation: str = "sum", one_d: bool = False) -> BatchStats:
-        """Features from the accumulated sums: the six sums over steps (``"sum"``), the log energy of
-        each step and each rate of change (``"per-step"``, 2K - 1 values), the same for the centre and
-        the border of the image (``"per-step-centre"``, 2 (2K - 1) values; needs ``regions=True``), or
-        DiffPath-1D's one value."""
+        """The accumulated sums and grids, and the features of ``aggregation`` (aggregations.py; ``one_d``:
+        DiffPath-1D's one value)."""
         steps = torch.stack(self.step_sums, dim=1)
         deltas = torch.stack(self.delta_sums, dim=1)
-        if one_d:
-            features = deltas[..., 1].sum(dim=1, keepdim=True).sqrt()
-        elif aggregation == "per-step":
-            # energies span orders of magnitude across steps and images; the log makes them near-Gaussian
-            # for the mixture (floored so an all-zero map stays finite)
-            features = torch.cat([steps[..., 1], deltas[..., 1]], dim=1).clamp_min(ENERGY_FLOOR).log()
-        elif aggregation == "per-step-centre":
-            if not self.step_regions:
-                raise ValueError("per-step-centre needs an accumulator made with regions=True")
-            energies = torch.cat([torch.cat(self.step_regions, 1), torch.cat(self.delta_regions, 1)], dim=1)
-            features = energies.clamp_min(ENERGY_FLOOR).log()
-        elif aggregation == "sum":
-            features = torch.cat([steps.sum(dim=1), deltas.sum(dim=1)], dim=-1)
-        else:
-            raise ValueError(f"unknown aggregation {aggregation!r}")
+        step_grid = torch.stack(self.step_grid, dim=1)
+        delta_grid = torch.stack(self.delta_grid, dim=1)
+        bank = PathBank(steps, deltas, step_grid, delta_grid)
+        features = one_d_feature(bank) if one_d else aggregate(bank, aggregation)
         assert self.heat is not None and self.heat_all is not None and self.heat_steps is not None
         heat = torch.where(
             self.heat_steps > 0,
             self.heat / self.heat_steps.clamp_min(1),
             self.heat_all / len(self.step_sums),
         )
-        return BatchStats(features, steps, deltas, heat, timesteps)
+        return BatchStats(features, steps, deltas, heat, timesteps, step_grid, delta_grid)
 
 
 def path_covariance_reg(options: MethodOptions) -> float:
