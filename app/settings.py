@@ -33,7 +33,7 @@ class Settings(BaseSettings):
         "diffpath-v2", description="scoring method: a registered one (app/engine/methods; see METHOD.md)"
     )
     steps: int = Field(10, ge=2, le=1000, description="trajectory steps K (UNet evaluations per image)")
-    aggregation: Literal["sum", "per-step", "per-step-centre"] = Field(
+    aggregation: Literal["sum", "per-step", "per-step-centre", "per-step-centre+embedding"] = Field(
         "per-step-centre",
         description="path features: per-step log energies of the image's centre and border (per-step-centre, "
         "2 (2K - 1) values), of the whole image (per-step, 2K - 1 values) or METHOD.md's six sums over steps",

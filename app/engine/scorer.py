@@ -150,7 +150,11 @@ def _to_host(stats: BatchStats) -> dict[str, np.ndarray]:
         "timesteps": np.asarray(stats.timesteps, dtype=np.int64),
         **{
             name: grid.double().cpu().numpy()
-            for name, grid in (("step_grid", stats.step_grid), ("delta_grid", stats.delta_grid))
+            for name, grid in (
+                ("step_grid", stats.step_grid),
+                ("delta_grid", stats.delta_grid),
+                ("embeddings", stats.embeddings),
+            )
             if grid is not None
         },
     }
@@ -170,6 +174,7 @@ def _split(host: dict[str, np.ndarray], n: int) -> list[ImageStats]:
                 finite=bool(np.isfinite(features).all()),
                 step_grid=host["step_grid"][i] if "step_grid" in host else None,
                 delta_grid=host["delta_grid"][i] if "delta_grid" in host else None,
+                embeddings=host["embeddings"][i] if "embeddings" in host else None,
             )
         )
     return out

@@ -113,6 +113,18 @@ def predict_noise(model: LoadedModel, x_t: torch.Tensor, t: int) -> torch.Tensor
     return model.runtime(x_t, timesteps)
 
 
+def predict_noise_and_embedding(
+    model: LoadedModel, x_t: torch.Tensor, t: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """eps_theta(x_t, t) and the UNet's image embedding from one forward pass (None from a runtime that
+    gives only eps)."""
+    timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    predict = getattr(model.runtime, "predict", None)
+    if predict is None:
+        return model.runtime(x_t, timesteps), None
+    return predict(x_t, timesteps)
+
+
 # --- DiffPath's trajectory: float64 schedule, float32 coefficients ---------------------------------------
 def float64_alphas_cumprod(scheduler_config: dict) -> np.ndarray | None:
     """abar_t of a diffusers scheduler config recomputed in float64 from its beta recipe, as
@@ -245,6 +257,8 @@ class TrajectoryStep:
     eps_k: torch.Tensor  # noise re-derived from the clipped xhat0 (DDIM); the prediction itself (forward)
     eps_star: torch.Tensor  # true conditional noise of x_t given x0
     abar: torch.Tensor
+    # the UNet's image embedding at x_t (B, C), from the same forward pass (runtimes.py); None without one
+    embedding: torch.Tensor | None = None
 
 
 def walk(
@@ -266,7 +280,7 @@ def walk(
             if noise is None:
                 raise ValueError("forward trajectories need per-image noise")
             x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        eps_theta = predict_noise(model, x_t, t)
+        eps_theta, embedding = predict_noise_and_embedding(model, x_t, t)
         if mode == "ddim":
             abar_next = abar_all[timesteps[k + 1]] if k + 1 < len(timesteps) else abar
             xhat0, eps_k, x_next = ddim_step(x_t, eps_theta, abar, abar_next)
@@ -277,5 +291,7 @@ def walk(
         else:
             assert schedule is not None
             xhat0, eps_k, x_next = diffpath_step(x_t, eps_theta, schedule, k)
-        yield TrajectoryStep(k, t, x_t, eps_theta, xhat0, eps_k, implied_noise(x_t, x0, abar), abar)
+        yield TrajectoryStep(
+            k, t, x_t, eps_theta, xhat0, eps_k, implied_noise(x_t, x0, abar), abar, embedding
+        )
         x_t = x_next

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 from scipy.special import logsumexp
+from sklearn.covariance import LedoitWolf
 from sklearn.mixture import GaussianMixture
+from sklearn.model_selection import KFold
 from sklearn.neighbors import KernelDensity
 
 RANDOM_STATE = 0  # mixtures and cross-fitting folds are seeded: a profile refitted on the same data is equal
@@ -180,10 +182,116 @@ class DirectScore:
         return cls()
 
 
-Density = GaussianMixtureDensity | KernelDensity1D | DirectScore
-DensityClass = type[GaussianMixtureDensity] | type[KernelDensity1D] | type[DirectScore]
+@dataclass
+class GaussianDensity:
+    """StandardScaler + one Gaussian with Ledoit-Wolf shrinkage: for many features (the UNet's embedding,
+    hundreds of values) from a few hundred images, where a full mixture's covariance is singular."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    centre: np.ndarray
+    precision: np.ndarray  # (D, D) of the standardised features
+
+    kind = "gaussian"
+
+    @classmethod
+    def fit(cls, features: np.ndarray, **_: Any) -> GaussianDensity:
+        mean = features.mean(axis=0)
+        scale = features.std(axis=0)
+        scale[scale == 0] = 1.0
+        shrunk = LedoitWolf().fit((features - mean) / scale)
+        return cls(mean, scale, shrunk.location_, shrunk.precision_)
+
+    def log_density(self, features: np.ndarray) -> np.ndarray:
+        y = (features - self.mean) / self.scale - self.centre
+        _, log_det = np.linalg.slogdet(self.precision)
+        d = features.shape[1]
+        quad = np.einsum("ij,jk,ik->i", y, self.precision, y)
+        return 0.5 * (log_det - d * np.log(2 * np.pi) - quad) - np.log(self.scale).sum()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "mean": self.mean.tolist(), "scale": self.scale.tolist(),
+                "centre": self.centre.tolist(), "precision": self.precision.tolist()}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GaussianDensity:
+        return cls(*(np.asarray(d[k], float) for k in ("mean", "scale", "centre", "precision")))
+
+
+@dataclass
+class ExpertsDensity:
+    """Independent experts over column blocks of the features (the walk's energies: a Gaussian mixture; the
+    UNet's embedding: a shrunk Gaussian), each expert's score put on a common scale by the median and
+    interquartile range of its cross-fitted scores on the normal images, then summed (docs/METHOD.md,
+    "Embedding expert"). ``log_density`` returns minus that sum: a score, not a normalised density."""
+
+    blocks: list[tuple[int, int]]
+    experts: list[GaussianMixtureDensity | GaussianDensity]
+    centres: np.ndarray
+    spreads: np.ndarray
+
+    kind = "experts"
+
+    @classmethod
+    def fit(cls, features: np.ndarray, blocks: list[tuple[int, int]] | None = None, folds: int = 5,
+            **mixture: Any) -> ExpertsDensity:  # fmt: skip
+        if not blocks:
+            raise ValueError("an experts density needs its column blocks")
+        experts: list[GaussianMixtureDensity | GaussianDensity] = []
+        centres, spreads = [], []
+        for i, (start, stop) in enumerate(blocks):
+            kind = GaussianMixtureDensity if i == 0 else GaussianDensity
+            part = features[:, start:stop]
+            held_out = np.empty(len(part))
+            splitter = KFold(n_splits=min(folds, len(part)), shuffle=True, random_state=RANDOM_STATE)
+            for train, test in splitter.split(part):
+                held_out[test] = -kind.fit(part[train], **mixture).log_density(part[test])
+            q25, q50, q75 = np.percentile(held_out, [25, 50, 75])
+            experts.append(kind.fit(part, **mixture))
+            centres.append(q50)
+            spreads.append(max(q75 - q25, 1e-9))
+        return cls([tuple(b) for b in blocks], experts, np.asarray(centres), np.asarray(spreads))  # type: ignore[misc]
+
+    def log_density(self, features: np.ndarray) -> np.ndarray:
+        total = np.zeros(len(features))
+        for (start, stop), expert, centre, spread in zip(
+            self.blocks, self.experts, self.centres, self.spreads, strict=True
+        ):
+            total += (-expert.log_density(features[:, start:stop]) - centre) / spread
+        return -total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "blocks": [list(b) for b in self.blocks],
+            "experts": [e.to_dict() for e in self.experts],
+            "centres": self.centres.tolist(),
+            "spreads": self.spreads.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExpertsDensity:
+        kinds: dict[str, Any] = {"gmm": GaussianMixtureDensity, "gaussian": GaussianDensity}
+        return cls(
+            [(int(a), int(b)) for a, b in d["blocks"]],
+            [kinds[e["kind"]].from_dict(e) for e in d["experts"]],
+            np.asarray(d["centres"], float),
+            np.asarray(d["spreads"], float),
+        )
+
+
+Density = GaussianMixtureDensity | KernelDensity1D | DirectScore | GaussianDensity | ExpertsDensity
+DensityClass = (
+    type[GaussianMixtureDensity]
+    | type[KernelDensity1D]
+    | type[DirectScore]
+    | type[GaussianDensity]
+    | type[ExpertsDensity]
+)
 DENSITY_KINDS: dict[str, DensityClass] = {
     "gmm": GaussianMixtureDensity,
     "kde": KernelDensity1D,
     "direct": DirectScore,
+    "gaussian": GaussianDensity,
+    "experts": ExpertsDensity,
 }

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from app.engine.calibration.heatmap import fit_heatmap_calibration
-from app.engine.calibration.profile import Profile
+from app.engine.calibration.profile import Profile, density_for
 from app.engine.calibration.thresholds import DEFAULT_FPRS, cross_fitted_scores, thresholds_for, validate_fprs
-from app.engine.methods import get as get_method
+from app.engine.methods.aggregations import expert_blocks
 from app.engine.types import MethodOptions
 from app.errors import InvalidInput
 
@@ -42,12 +42,15 @@ def fit_profile(
     if not np.isfinite(features).all():
         raise InvalidInput("some reference images gave non-finite features")
     fprs = validate_fprs(fprs, default_fpr)
-    density_cls = get_method(options.method).density
+    density_cls = density_for(options)
     density_kwargs: dict[str, Any] = {
         "max_components": options.mixture_max_components,
         "covariance_type": options.covariance_type,
         "reg_covar": options.density_reg(),
     }
+    blocks = expert_blocks(options.aggregation, options.steps, features.shape[1])
+    if blocks is not None:
+        density_kwargs["blocks"] = blocks
     scores = cross_fitted_scores(features, density_cls, density_kwargs, folds)
     return Profile(
         name=name,

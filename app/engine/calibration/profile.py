@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.engine.calibration.density import DENSITY_KINDS, Density, GaussianMixtureDensity
+from app.engine.calibration.density import (
+    DENSITY_KINDS,
+    Density,
+    DensityClass,
+    ExpertsDensity,
+    GaussianMixtureDensity,
+)
 from app.engine.calibration.heatmap import HeatmapCalibration
 from app.engine.calibration.thresholds import fpr_key, verdict
 from app.engine.types import ImageStats, MethodOptions, Verdict
@@ -148,7 +154,7 @@ class Profile:
         density_cls = DENSITY_KINDS.get(density_data.get("kind"))
         if density_cls is None:
             raise ProfileMismatch(f"unknown density kind {density_data.get('kind')!r}")
-        _check_method(options.method, density_cls.kind)
+        _check_method(options, density_cls.kind)
         scores = np.sort(np.asarray(d["calibration_scores"], dtype=float))
         thresholds = {str(k): float(v) for k, v in d["thresholds"].items()}
         profile = cls(
@@ -227,11 +233,21 @@ def _method(name: str) -> Method:
         raise ProfileMismatch(str(exc)) from None
 
 
-def _check_method(name: str, density_kind: str) -> None:
-    """Refuse a profile of a method this build does not have, or with another density than its method's."""
-    method = _method(name)
-    if method.density.kind != density_kind:
-        raise ProfileMismatch(f"a {density_kind} density for {name}, which uses {method.density.kind}")
+def density_for(options: MethodOptions) -> DensityClass:
+    """The density a profile of these options fits: its method's, or separate experts when its aggregation
+    names them (methods/aggregations.py ``expert_blocks``)."""
+    from app.engine.methods.aggregations import expert_blocks
+
+    if expert_blocks(options.aggregation, options.steps, 0) is not None:
+        return ExpertsDensity
+    return _method(options.method).density
+
+
+def _check_method(options: MethodOptions, density_kind: str) -> None:
+    """Refuse a profile of a method this build does not have, or with another density than its options'."""
+    expected = density_for(options)
+    if expected.kind != density_kind:
+        raise ProfileMismatch(f"a {density_kind} density for {options.method}, which uses {expected.kind}")
 
 
 def options_mismatch(profile: MethodOptions, service: MethodOptions) -> str:

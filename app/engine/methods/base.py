@@ -49,6 +49,7 @@ class BatchStats:
     # path methods: the per-step grid energies every aggregation reads (aggregations.py); None otherwise
     step_grid: torch.Tensor | None = None  # (B, K, C, G, G)
     delta_grid: torch.Tensor | None = None  # (B, K-1, C, G, G)
+    embeddings: torch.Tensor | None = None  # (B, K, E): the UNet's embedding per step (runtimes.py)
 
 
 class WalkSums(Protocol):
@@ -116,7 +117,6 @@ class PassMethod(Method):
 def _bank_of(stats: ImageStats) -> PathBank:
     """One image's host arrays as a batch of one (float64, as the host copy keeps them)."""
     assert stats.step_grid is not None and stats.delta_grid is not None
-    return PathBank(
-        *(torch.from_numpy(np.asarray(a, dtype=np.float64))[None]
-          for a in (stats.step_sums, stats.delta_sums, stats.step_grid, stats.delta_grid))
-    )  # fmt: skip
+    arrays = [stats.step_sums, stats.delta_sums, stats.step_grid, stats.delta_grid, stats.embeddings]
+    return PathBank(*(None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float64))[None]
+                      for a in arrays))  # type: ignore[arg-type]  # fmt: skip

@@ -27,6 +27,7 @@ class NoisePathSums(PathAccumulator):
 
     def add_step(self, step: TrajectoryStep) -> None:
         self.add(step.eps_k, stein_error(step, self.options), step.abar)
+        self.keep_embedding(step.embedding)
 
 
 class DiffPath6D(PathMethod[NoisePathSums]):

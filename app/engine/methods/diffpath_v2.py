@@ -59,6 +59,7 @@ class AmplifiedErrorSums(PathAccumulator):
     def add_step(self, step: TrajectoryStep) -> None:
         amplified = amplified_error(step, self.reference, self.options)
         self.add(amplified, amplified, step.abar)
+        self.keep_embedding(step.embedding)
 
 
 class DiffPathV2(PathMethod[AmplifiedErrorSums]):

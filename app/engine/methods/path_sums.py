@@ -79,7 +79,13 @@ class PathAccumulator:
         self.heat: torch.Tensor | None = None
         self.heat_all: torch.Tensor | None = None  # every step: the map when no step is in the range
         self.heat_steps: torch.Tensor | None = None  # how many steps the heat map holds (0-d)
+        self.embeddings: list[torch.Tensor] = []
         self._previous: torch.Tensor | None = None
+
+    def keep_embedding(self, embedding: torch.Tensor | None) -> None:
+        """The step's UNet embedding (B, E), when the runtime gives one: the embedding expert reads it."""
+        if embedding is not None:
+            self.embeddings.append(embedding)
 
     def add(self, q: torch.Tensor, heat_source: torch.Tensor, abar: torch.Tensor | None = None) -> None:
         """One step: q's power sums, and |heat_source| into the heat map when the step's ``abar`` is in
@@ -109,7 +115,10 @@ class PathAccumulator:
         deltas = torch.stack(self.delta_sums, dim=1)
         step_grid = torch.stack(self.step_grid, dim=1)
         delta_grid = torch.stack(self.delta_grid, dim=1)
-        bank = PathBank(steps, deltas, step_grid, delta_grid)
+        embeddings = (
+            torch.stack(self.embeddings, dim=1) if len(self.embeddings) == len(self.step_sums) else None
+        )
+        bank = PathBank(steps, deltas, step_grid, delta_grid, embeddings)
         features = one_d_feature(bank) if one_d else aggregate(bank, aggregation)
         assert self.heat is not None and self.heat_all is not None and self.heat_steps is not None
         heat = torch.where(
@@ -117,7 +126,7 @@ class PathAccumulator:
             self.heat / self.heat_steps.clamp_min(1),
             self.heat_all / len(self.step_sums),
         )
-        return BatchStats(features, steps, deltas, heat, timesteps, step_grid, delta_grid)
+        return BatchStats(features, steps, deltas, heat, timesteps, step_grid, delta_grid, embeddings)
 
 
 def path_covariance_reg(options: MethodOptions) -> float:
@@ -125,4 +134,4 @@ def path_covariance_reg(options: MethodOptions) -> float:
     near-singular covariance whose scores blow up and swing with float rounding, and 0.1 detects as well or
     better at every calibration size measured; the six sums lose a little with it, so they keep 1e-4
     (ACCURACY.md)."""
-    return 0.1 if options.aggregation in ("per-step", "per-step-centre") else 1e-4
+    return 1e-4 if options.aggregation == "sum" else 0.1

@@ -15,9 +15,10 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
+import threading
 import time
 import warnings
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from diffusers import UNet2DModel
@@ -31,12 +32,33 @@ class RuntimeUnavailable(RuntimeError):
     """The runtime cannot run this model here (not installed, wrong device or dtype, export failed)."""
 
 
+# The UNet's image embedding: the spatial mean of this up block's output (in the shipped 32 px model its
+# 128 channels at 16 x 16). The walk reads it beside eps at no extra cost; what it is for: docs/METHOD.md,
+# "Embedding expert".
+EMBEDDING_UP_BLOCK = 1
+
+
 class NoiseRuntime(Protocol):
     name: str
 
     def __call__(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """eps_theta for the batch: float32, NCHW-contiguous, on the input's device."""
         ...
+
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """eps_theta and the UNet's image embedding (B, C) float32 from the same forward pass; None when
+        the network has no such block."""
+        ...
+
+
+def embedding_block(unet: torch.nn.Module) -> torch.nn.Module | None:
+    blocks = getattr(unet, "up_blocks", None)
+    return blocks[EMBEDDING_UP_BLOCK] if blocks is not None and len(blocks) > EMBEDDING_UP_BLOCK else None
+
+
+def _spatial_mean(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    hidden = output[0] if isinstance(output, tuple) else output
+    return hidden.float().mean(dim=(2, 3))
 
 
 def model_timesteps(timesteps: torch.Tensor, timestep_scale: float) -> torch.Tensor:
@@ -65,6 +87,24 @@ class TorchRuntime:
         self.device_type = device.type
         self.timestep_scale = timestep_scale
         self.epsilon_channels = epsilon_channels
+        # the embedding is taken by a hook; per thread, because model instances call one UNet concurrently
+        self._tap = threading.local()
+        block = embedding_block(unet)
+        self.has_embedding = block is not None
+        if block is not None:
+            block.register_forward_hook(self._capture)
+
+    def _capture(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        if getattr(self._tap, "wanted", False):
+            self._tap.value = _spatial_mean(output)
+
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self._tap.wanted, self._tap.value = True, None
+        try:
+            eps = self(x_t, timesteps)
+            return eps, self._tap.value
+        finally:
+            self._tap.wanted, self._tap.value = False, None
 
     def __call__(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         # a channels_last UNet answers channels_last; the sums downstream flatten, which would copy anyway
@@ -85,8 +125,9 @@ class TorchRuntime:
 
 
 class _EpsOnly(torch.nn.Module):
-    """The UNet with a plain tensor output (exporters trace tensors, not diffusers' output dataclass); the
-    timestep rescale and the epsilon slice of imported models are part of the traced graph."""
+    """The UNet with plain tensor outputs (exporters trace tensors, not diffusers' output dataclass): eps, and
+    the embedding when the network has its block; the timestep rescale and the epsilon slice of imported
+    models are part of the traced graph."""
 
     def __init__(
         self, unet: UNet2DModel, timestep_scale: float = 1.0, epsilon_channels: int | None = None
@@ -95,12 +136,22 @@ class _EpsOnly(torch.nn.Module):
         self.unet = unet
         self.timestep_scale = timestep_scale
         self.epsilon_channels = epsilon_channels
+        self._embedding: torch.Tensor | None = None
+        block = embedding_block(unet)
+        self.has_embedding = block is not None
+        # removed after the export: the loaded UNet keeps serving torch callers without it
+        self.hook = None if block is None else block.register_forward_hook(self._capture)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def _capture(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        self._embedding = _spatial_mean(output)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> Any:
         if self.timestep_scale == 1.0 and self.epsilon_channels is None:
-            return self.unet(sample, timestep).sample
-        out = self.unet(sample, model_timesteps(timestep, self.timestep_scale)).sample
-        return out if self.epsilon_channels is None else out[:, : self.epsilon_channels]
+            out = self.unet(sample, timestep).sample
+        else:
+            out = self.unet(sample, model_timesteps(timestep, self.timestep_scale)).sample
+            out = out if self.epsilon_channels is None else out[:, : self.epsilon_channels]
+        return (out, self._embedding) if self._embedding is not None else out
 
 
 def _example(unet: UNet2DModel, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,21 +163,30 @@ def _example(unet: UNet2DModel, batch: int = 2) -> tuple[torch.Tensor, torch.Ten
 def export_onnx(unet: UNet2DModel, timestep_scale: float = 1.0, epsilon_channels: int | None = None) -> bytes:
     """The UNet as an ONNX graph with a dynamic batch dimension, in memory (nothing is written to disk)."""
     buffer = io.BytesIO()
+    wrapped = _EpsOnly(unet, timestep_scale, epsilon_channels).eval()
+    outputs = ["eps", "embedding"] if wrapped.has_embedding else ["eps"]
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape asserts
             torch.onnx.export(
                 # traced as loaded: float32 weights, any layout (ONNX has none)
-                _EpsOnly(unet, timestep_scale, epsilon_channels).eval(),
+                wrapped,
                 _example(unet),
                 buffer,  # type: ignore[arg-type]  # a file-like object is documented; the stub says path
                 input_names=["sample", "timestep"],
-                output_names=["eps"],
-                dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"}, "eps": {0: "batch"}},
+                output_names=outputs,
+                dynamic_axes={
+                    "sample": {0: "batch"},
+                    "timestep": {0: "batch"},
+                    **{o: {0: "batch"} for o in outputs},
+                },
                 dynamo=False,
             )
     except Exception as exc:  # the exporter raises many types; any of them means "not this runtime"
         raise RuntimeUnavailable(f"cannot export the UNet to ONNX: {exc}") from exc
+    finally:
+        if wrapped.hook is not None:
+            wrapped.hook.remove()
     return buffer.getvalue()
 
 
@@ -155,10 +215,18 @@ class OnnxRuntime:
         options.inter_op_num_threads = 1
         graph = export_onnx(unet, timestep_scale, epsilon_channels)
         self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.has_embedding = len(self.session.get_outputs()) > 1
 
     def __call__(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         feed = {"sample": x_t.contiguous().numpy(), "timestep": timesteps.numpy()}
-        return torch.from_numpy(self.session.run(None, feed)[0])
+        return torch.from_numpy(self.session.run(["eps"], feed)[0])
+
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        feed = {"sample": x_t.contiguous().numpy(), "timestep": timesteps.numpy()}
+        if not self.has_embedding:
+            return torch.from_numpy(self.session.run(["eps"], feed)[0]), None
+        eps, embedding = self.session.run(["eps", "embedding"], feed)
+        return torch.from_numpy(eps), torch.from_numpy(embedding)
 
 
 def torch_threads_beside(runtime: NoiseRuntime | str, threads: int) -> int:
