@@ -17,13 +17,19 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+AUTO = "auto"  # Settings.aggregation: each new profile chooses its features (calibration/choice.py)
+DEFAULT_AGGREGATION = "per-step-centre"
+
 
 def options_from_settings(settings: Settings, method: str | None = None) -> MethodOptions:
-    """The method options a deployment's settings select (a profile must match them to be used)."""
+    """The method options a deployment's settings select: the walk every profile must share, and the
+    engine's own features (``aggregation = auto`` leaves each new profile to choose; the engine's own
+    features are then the per-step-centre energies)."""
+    aggregation = DEFAULT_AGGREGATION if settings.aggregation == AUTO else settings.aggregation
     return MethodOptions(
         method=method or settings.method,  # type: ignore[arg-type]
         steps=settings.steps,
-        aggregation=settings.aggregation,
+        aggregation=aggregation,  # type: ignore[arg-type]
         trajectory=settings.trajectory,
     )
 

@@ -6,13 +6,11 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 from app.bootstrap import apply_thread_policy
 from app.commands.common import add_engine_args, load_scorer, profiles_dir, settings_from_args
-from app.engine.calibration.fit import fit_profile
+from app.engine.calibration.choice import calibrate_profile
 from app.engine.calibration.store import ProfileStore, validate_profile_name
-from app.offline.datasets import feature_matrix, folder_statistics, list_images
+from app.offline.datasets import folder_statistics, list_images
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "calibrate",
         help="fit a calibration profile on normal images",
         description=(
-            "Run every image of --images through the model, fit the method's density on their features, and "
-            "store the profile (JSON, next to the model in <model>/profiles/NAME.json). Thresholds are set "
-            "so that the given false-positive rates hold on new normal images (cross-fitted)."
+            "Run every image of --images through the model, choose the profile's features from these images "
+            "alone (--aggregation auto, the default; or name one), fit the density on them, and store the "
+            "profile (JSON, next to the model in <model>/profiles/NAME.json). Thresholds are set so that the "
+            "given false-positive rates hold on new normal images (cross-fitted)."
         ),
     )
     add_engine_args(p)
@@ -52,16 +51,15 @@ def run(args: argparse.Namespace) -> int:
         p for folder in args.images for p in list_images(folder, args.limit, seed=0 if args.limit else None)
     ]
     kept, stats = folder_statistics(scorer, paths, batch_size=args.batch_size, desc="calibrating")
-    method_stats = stats[scorer.options.method]
-    profile = fit_profile(
+    profile = calibrate_profile(
         args.name,
-        feature_matrix(method_stats),
+        stats[scorer.options.method],
+        scorer.options,
+        settings.aggregation,
         model_id=scorer.info.model_id,
-        options=scorer.options,
         fprs=tuple(args.fpr),
         default_fpr=args.default_fpr,
         source=", ".join(f"{folder}" for folder in args.images) + f" ({len(kept)} images)",
-        heatmaps=np.stack([s.heatmap for s in method_stats]) if method_stats else None,
     )
     store = ProfileStore(profiles_dir(settings), scorer.info.model_id, scorer.options)
     path = store.save(profile, overwrite=args.overwrite)

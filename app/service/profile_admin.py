@@ -13,10 +13,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Protocol, TypeVar
 
-import numpy as np
-
-from app.engine.calibration.fit import fit_profile
-from app.engine.calibration.profile import Profile, features_under
+from app.engine.calibration.choice import AUTO, calibrate_profile
+from app.engine.calibration.profile import Profile
 from app.engine.calibration.store import ProfileStore, validate_profile_name
 from app.engine.calibration.thresholds import validate_fprs
 from app.engine.preprocessing import PreparedImage
@@ -59,6 +57,7 @@ class ProfileAdmin:
         default_fpr: float,
         overwrite: bool,
         source: str,
+        aggregation: str = AUTO,
     ) -> Profile:
         """Every option is checked before any image is computed; one creation per name at a time."""
         validate_profile_name(name)
@@ -73,7 +72,7 @@ class ProfileAdmin:
             raise ProfileConflict(f"profile {name!r} is being created by another request")
         self._creating.add(key)
         try:
-            profile = await self._fit(name, images, tuple(fprs), default_fpr, source)
+            profile = await self._fit(name, images, tuple(fprs), default_fpr, source, aggregation)
             await asyncio.to_thread(store.save, profile, overwrite)
         finally:
             self._creating.discard(key)
@@ -97,6 +96,7 @@ class ProfileAdmin:
         fprs: tuple[float, ...],
         default_fpr: float,
         source: str,
+        aggregation: str,
     ) -> Profile:
         settings = self.settings
         chunk = max(1, min(settings.max_batch_size, settings.max_queue_images // 2,
@@ -106,19 +106,11 @@ class ProfileAdmin:
             prepared = await _when_room(partial(self._decode, images[start : start + chunk]))
             done = await _when_room(partial(self._compute, prepared))
             stats.extend(done.outputs)
-        options = self.engine.options
-        heatmaps = np.stack([s.heatmap for s in stats]) if stats else None
+        # off the event loop: choose the features (unless named), fit the density and thresholds
         return await asyncio.to_thread(
-            fit_profile,
-            name,
-            features_under(options, stats),
-            model_id=self.engine.info.model_id,
-            options=options,
-            fprs=fprs,
-            default_fpr=default_fpr,
-            source=source,
-            heatmaps=heatmaps,
-        )
+            calibrate_profile, name, stats, self.engine.options, aggregation,
+            model_id=self.engine.info.model_id, fprs=fprs, default_fpr=default_fpr, source=source,
+        )  # fmt: skip
 
 
 async def _when_room(attempt: Callable[[], Awaitable[V]]) -> V:

@@ -276,12 +276,15 @@ class ScoringService:
         default_fpr: float = 0.05,
         overwrite: bool = False,
         source: str = "",
+        aggregation: str | None = None,
     ) -> Profile:
-        """Score normal images through the shared queues, fit a profile, persist it; usable at once."""
+        """Score normal images through the shared queues, fit a profile, persist it; usable at once.
+        ``aggregation``: the profile's features (``auto``: chosen from the images; None: the setting)."""
         store = self._check_ready()
         return await self._profile_admin.create(
-            store, name, images, fprs=fprs, default_fpr=default_fpr, overwrite=overwrite, source=source
-        )
+            store, name, images, fprs=fprs, default_fpr=default_fpr, overwrite=overwrite, source=source,
+            aggregation=aggregation or self.settings.aggregation,
+        )  # fmt: skip
 
     async def delete_profile(self, name: str) -> None:
         """Remove a profile; the one requests use by default cannot be removed (409)."""

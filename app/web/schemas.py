@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,6 +69,10 @@ class ScoreRequest(BaseModel):
     features: bool | None = Field(None, description="add the feature vector and per-timestep statistics")
 
 
+PROFILE_AGGREGATIONS = ("auto", "sum", "per-step", "per-step-centre", "per-step-centre+embedding")
+ProfileAggregation = Literal["auto", "sum", "per-step", "per-step-centre", "per-step-centre+embedding"]
+
+
 class ProfileRequest(BaseModel):
     """JSON form of ``POST /v1/profiles``."""
 
@@ -85,6 +89,11 @@ class ProfileRequest(BaseModel):
     default_fpr: float = Field(0.05, gt=0.0, lt=1.0, description="the rate whose threshold decides")
     overwrite: bool = False
     source: str = Field("", max_length=500, description="free text: where the images came from")
+    aggregation: ProfileAggregation | None = Field(
+        None,
+        description="the profile's features: auto (chosen from these images alone, docs/METHOD.md) or one "
+        "named; default: the service's DDM_AGGREGATION",
+    )
 
 
 # --- responses ------------------------------------------------------------------------------------------

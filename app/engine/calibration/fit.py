@@ -17,6 +17,19 @@ from app.errors import InvalidInput
 MIN_REFERENCE_IMAGES = 10
 
 
+def density_kwargs_for(options: MethodOptions, features: np.ndarray) -> dict[str, Any]:
+    """What the density of ``options`` is fitted with (``density_for`` names its class)."""
+    kwargs: dict[str, Any] = {
+        "max_components": options.mixture_max_components,
+        "covariance_type": options.covariance_type,
+        "reg_covar": options.density_reg(),
+    }
+    blocks = expert_blocks(options.aggregation, options.steps, features.shape[1])
+    if blocks is not None:
+        kwargs["blocks"] = blocks
+    return kwargs
+
+
 def fit_profile(
     name: str,
     features: np.ndarray,
@@ -28,6 +41,7 @@ def fit_profile(
     folds: int = 5,
     source: str = "",
     heatmaps: np.ndarray | None = None,
+    selection: dict[str, Any] | None = None,
 ) -> Profile:
     """Fit the method's density on normal-image features (N, D).
 
@@ -43,14 +57,7 @@ def fit_profile(
         raise InvalidInput("some reference images gave non-finite features")
     fprs = validate_fprs(fprs, default_fpr)
     density_cls = density_for(options)
-    density_kwargs: dict[str, Any] = {
-        "max_components": options.mixture_max_components,
-        "covariance_type": options.covariance_type,
-        "reg_covar": options.density_reg(),
-    }
-    blocks = expert_blocks(options.aggregation, options.steps, features.shape[1])
-    if blocks is not None:
-        density_kwargs["blocks"] = blocks
+    density_kwargs = density_kwargs_for(options, features)
     scores = cross_fitted_scores(features, density_cls, density_kwargs, folds)
     return Profile(
         name=name,
@@ -63,4 +70,5 @@ def fit_profile(
         n_reference=len(features),
         source=source,
         heatmap=None if heatmaps is None else fit_heatmap_calibration(heatmaps, fpr=default_fpr),
+        selection=selection,
     )

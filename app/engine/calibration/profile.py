@@ -42,10 +42,11 @@ from app.errors import ProfileMismatch
 if TYPE_CHECKING:
     from app.engine.methods.base import Method
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # MIGRATIONS[v] upgrades a version-v document to version v + 1; ``from_dict`` applies them in turn.
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: lambda d: {**d, "heatmap": None},  # 2 adds heat-map statistics; older profiles draw maps uncalibrated
+    2: lambda d: {**d, "selection": None},  # 3 records how the features were chosen; older ones were given
 }
 MAX_PROFILE_BYTES = 8 * 1024 * 1024
 TEMP_SUFFIX = ".tmp"  # ``.<name>.json.<random>.tmp`` while a profile is written
@@ -66,6 +67,9 @@ class Profile:
     # per-pixel statistics of the reference images' heat maps (calibration/heatmap.py); None: fitted
     # before they existed, heat maps are then drawn each on its own scale
     heatmap: HeatmapCalibration | None = None
+    # how the features were chosen from the normal images (calibration/choice.py ``Choice.to_dict``);
+    # None when they were named explicitly
+    selection: dict[str, Any] | None = None
 
     # scores ------------------------------------------------------------------------------------
     def score(self, features: np.ndarray) -> np.ndarray:
@@ -109,6 +113,7 @@ class Profile:
             "density": self.density.to_dict(),
             "calibration_scores": self.calibration_scores.tolist(),
             "heatmap": None if self.heatmap is None else self.heatmap.to_dict(),
+            "selection": self.selection,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -119,6 +124,8 @@ class Profile:
             None if self.heatmap is None else {"hot": self.heatmap.hot, "sigma": self.heatmap.sigma}
         )
         d["density"] = self.density.kind
+        if isinstance(self.density, ExpertsDensity):
+            d["experts"] = [e.kind for e in self.density.experts]
         if isinstance(self.density, GaussianMixtureDensity):
             d["mixture_components"] = self.density.n_components
             d["covariance_type"] = self.density.covariance_type
@@ -169,6 +176,7 @@ class Profile:
             n_reference=int(d["n_reference"]),
             source=str(d.get("source", "")),
             heatmap=None if d.get("heatmap") is None else HeatmapCalibration.from_dict(d["heatmap"]),
+            selection=d.get("selection"),
         )
         if len(scores) == 0 or not np.isfinite(scores).all():
             raise ProfileMismatch("profile has no usable calibration scores")

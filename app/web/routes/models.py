@@ -14,6 +14,7 @@ from app.web.deps import AdminAccess, Admission, ClientAccess, KeyAccess, Servic
 from app.web.errors import error_responses
 from app.web.openapi import request_body
 from app.web.schemas import (
+    PROFILE_AGGREGATIONS,
     PROFILE_NAME_MAX,
     PROFILE_NAME_PATTERN,
     ModelCard,
@@ -51,6 +52,12 @@ PROFILE_FORM_FIELDS: dict[str, dict[str, Any]] = {
         "description": "the rate whose threshold decides (default 0.05)",
     },
     "overwrite": {"type": "boolean", "description": "replace a profile of the same name"},
+    "aggregation": {
+        "type": "string",
+        "enum": list(PROFILE_AGGREGATIONS),
+        "description": "the profile's features: auto (chosen from these images) or one named; default "
+        "DDM_AGGREGATION",
+    },
     "source": {
         "type": "string",
         "maxLength": SOURCE_MAX,
@@ -100,6 +107,7 @@ async def create_profile(request: Request, service: ServiceDep, settings: Settin
             "default_fpr": body.default_fpr,
             "overwrite": body.overwrite,
             "source": body.source,
+            "aggregation": body.aggregation,
         }
         name = body.name
     else:
@@ -146,10 +154,14 @@ def _form_options(fields: dict[str, str]) -> tuple[str, dict[str, Any]]:
     source = fields.get("source", "")
     if len(source) > SOURCE_MAX:
         raise InvalidInput(f"form field 'source' is over {SOURCE_MAX} characters")
+    aggregation = fields.get("aggregation")
+    if aggregation is not None and aggregation not in PROFILE_AGGREGATIONS:
+        raise InvalidInput(f"form field 'aggregation' must be one of {', '.join(PROFILE_AGGREGATIONS)}")
     options = {
         "fprs": fprs or DEFAULT_FPRS,
         "default_fpr": default_fpr,
         "overwrite": bool(form_flag(fields, "overwrite")),
         "source": source,
+        "aggregation": aggregation,
     }
     return name, options
