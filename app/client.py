@@ -80,6 +80,7 @@ def _profile_request(
     default_fpr: float,
     overwrite: bool,
     source: str,
+    aggregation: str | None = None,
 ) -> dict[str, Any]:
     data = {
         "name": name,
@@ -87,6 +88,8 @@ def _profile_request(
         "overwrite": str(overwrite).lower(),
         "source": source,
     }
+    if aggregation is not None:
+        data["aggregation"] = aggregation
     if fprs:
         data["fprs"] = ",".join(str(f) for f in fprs)
     return {"data": data, "files": _files(images, None)}
@@ -155,8 +158,11 @@ class AnomalyClient:
         default_fpr: float = 0.05,
         overwrite: bool = False,
         source: str = "",
+        aggregation: str | None = None,
     ) -> ProfileSummary:
-        request = _profile_request(name, images, fprs, default_fpr, overwrite, source)
+        """``aggregation``: the profile's features, ``auto`` (chosen from these images) or one named; None:
+        the service's setting."""
+        request = _profile_request(name, images, fprs, default_fpr, overwrite, source, aggregation)
         return _parse(self.http.post("/v1/profiles", **request), ProfileSummary)
 
     def health(self) -> Health:
@@ -234,8 +240,11 @@ class AsyncAnomalyClient:
         default_fpr: float = 0.05,
         overwrite: bool = False,
         source: str = "",
+        aggregation: str | None = None,
     ) -> ProfileSummary:
-        request = _profile_request(name, images, fprs, default_fpr, overwrite, source)
+        """``aggregation``: the profile's features, ``auto`` (chosen from these images) or one named; None:
+        the service's setting."""
+        request = _profile_request(name, images, fprs, default_fpr, overwrite, source, aggregation)
         return _parse(await self.http.post("/v1/profiles", **request), ProfileSummary)
 
     async def health(self) -> Health:

@@ -44,11 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=EVALUATE_DESCRIPTION,
     )
     add_engine_args(p, method=False)
-    p.add_argument("--id", required=True, type=Path, help="in-distribution (normal) test folder")
+    p.add_argument("--id", type=Path, help="in-distribution (normal) test folder")
     p.add_argument("--id-name", help="label of the ID set (default: folder name)")
     p.add_argument(
         "--ood",
-        required=True,
         nargs="+",
         action="extend",
         type=_named_dir,
@@ -56,6 +55,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="OOD sets",
     )
     p.add_argument("--fit", nargs="+", action="extend", type=Path, help="folders of normal images to fit on")
+    m = p.add_argument_group("cross-domain matrix (instead of --id/--ood; app/commands/evaluate_matrix.py)")
+    m.add_argument(
+        "--matrix",
+        nargs="+",
+        action="extend",
+        type=_named_dir,
+        metavar="SET=DIR",
+        help="every set as the normal domain in turn, calibrated as `calibrate` does, scoring the others",
+    )
+    m.add_argument("--split", choices=("dev", "held"), default="dev", help="which half of the rest is scored")
+    m.add_argument(
+        "--exclude-from-mean", nargs="*", metavar="SET", help="also report the mean AUROC without these sets"
+    )
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to compare")
     p.add_argument("--limit", type=int, help="at most N images per scored set (seeded choice)")
     p.add_argument("--fit-limit", type=int, default=2000, help="at most M fitting images (default 2000)")
@@ -98,6 +110,12 @@ def cache_file(
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.matrix:
+        from app.commands.evaluate_matrix import run_matrix
+
+        return run_matrix(args)
+    if args.id is None or not args.ood:
+        raise SystemExit("evaluate: --id and --ood are required (or --matrix SET=DIR ...)")
     settings = settings_from_args(args)
     apply_thread_policy(settings)
     scorer = load_scorer(settings, options_from_settings(settings, args.methods[0]))

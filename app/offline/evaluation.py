@@ -102,3 +102,35 @@ def plot_roc_and_histograms(
     plt.close(fig)
     paths.append(hist_path)
     return paths
+
+
+def plot_matrix(rows: dict[str, dict], path: Path) -> Path:
+    """Heat map of the cross-domain AUROC table (``evaluate --matrix``): rows are the normal set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    table = np.full((len(names), len(names)), np.nan)
+    for i, normal in enumerate(names):
+        for j, other in enumerate(names):
+            if other in rows[normal]["scored"]:
+                table[i, j] = rows[normal]["scored"][other]["auroc"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.4, 1.0 * len(names) + 1.6))
+    image = ax.imshow(table, vmin=0.5, vmax=1.0, cmap="viridis")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if np.isfinite(table[i, j]):
+                ax.text(j, i, f"{table[i, j]:.3f}", ha="center", va="center",
+                        color="white" if table[i, j] < 0.8 else "black", fontsize=9)  # fmt: skip
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(
+        range(len(names)), [f"{n}\n({rows[n]['options']['aggregation']})" for n in names], fontsize=8
+    )
+    ax.set(xlabel="scored as anomalies", ylabel="normal domain (profile features)", title="AUROC")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

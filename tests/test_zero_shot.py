@@ -1,0 +1,125 @@
+"""Profiles with their own features over one shared walk, the embedding expert, the choice of features from
+normal images alone, and the cross-domain matrix command (docs/METHOD.md, "Features" and "Choosing
+features")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.cli import main as cli_main
+from app.engine.calibration.choice import MAX_GAP, choose_options, generalisation_gap
+from app.engine.calibration.profile import Profile, features_under
+from app.engine.methods import aggregations
+from app.engine.scorer import Scorer
+from app.engine.types import ImageStats, MethodOptions
+from tests.helpers import SHIPPED_MODEL, require_data
+
+GOLDEN_IMAGES = sorted((Path(__file__).parent / "goldens" / "images").glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def scorers() -> dict[str, Scorer]:
+    out = {}
+    for runtime in ("torch", "onnxruntime"):
+        scorer = Scorer(SHIPPED_MODEL, device="cpu", runtime=runtime)
+        scorer.load(warmup_batch=0)
+        out[runtime] = scorer
+    return out
+
+
+@pytest.fixture(scope="module")
+def golden_stats(scorers: dict[str, Scorer]) -> dict[str, list[ImageStats]]:
+    return {rt: s.run([s.decode(p.read_bytes()) for p in GOLDEN_IMAGES]) for rt, s in scorers.items()}
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "per-step", "per-step-centre"])
+def test_a_profile_derives_from_one_walk_the_features_the_engine_computes_under_its_aggregation(
+    scorers: dict[str, Scorer], golden_stats: dict[str, list[ImageStats]], aggregation: str
+) -> None:
+    """One walk under the default options gives every aggregation's features, equal to a walk made for it."""
+    scorer = scorers["torch"]
+    own = MethodOptions(aggregation=aggregation)  # type: ignore[arg-type]
+    scorer.options = own
+    try:
+        direct = np.stack(
+            [s.features for s in scorer.run([scorer.decode(p.read_bytes()) for p in GOLDEN_IMAGES])]
+        )
+    finally:
+        scorer.options = MethodOptions()
+    derived = features_under(own, golden_stats["torch"])
+    np.testing.assert_allclose(derived, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_the_embedding_comes_from_the_same_pass_on_both_runtimes(
+    golden_stats: dict[str, list[ImageStats]],
+) -> None:
+    torch_e = np.stack([s.embeddings for s in golden_stats["torch"]])
+    onnx_e = np.stack([s.embeddings for s in golden_stats["onnxruntime"]])
+    assert torch_e.shape == (len(GOLDEN_IMAGES), 10, 128)
+    np.testing.assert_allclose(onnx_e, torch_e, rtol=1e-3, atol=1e-4)
+    # images differ in it: it describes the image, not a constant of the network
+    assert np.abs(torch_e[0] - torch_e[3]).max() > 1e-2
+    features = features_under(MethodOptions(aggregation="per-step-centre+embedding"), golden_stats["torch"])
+    assert features.shape == (len(GOLDEN_IMAGES), 38 + 2 * 128)
+    np.testing.assert_allclose(features[:, 38:166], torch_e[:, 2], rtol=1e-6)  # step 0.2 K = 2
+
+
+def test_choice_takes_the_embedding_expert_for_textures_and_records_why(scorers: dict[str, Scorer]) -> None:
+    scorer = scorers["onnxruntime"]
+    stats = scorer.run([scorer.decode(p.read_bytes()) for p in require_data("dtd", 30)])
+    choice = choose_options(MethodOptions(), stats)
+    assert choice.options.aggregation == "per-step-centre+embedding"
+    assert choice.options.walk_key() == MethodOptions().walk_key()
+    gap = choice.gaps["per-step-centre+embedding"]
+    assert gap is not None and 0 <= gap <= MAX_GAP
+    assert "per-step-centre" not in choice.gaps  # not tried: the richer candidate was taken
+
+
+def test_choice_falls_back_when_the_richer_density_does_not_generalise(
+    golden_stats: dict[str, list[ImageStats]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A candidate with far more values than the images can support overfits them: its gap is large and the
+    next candidate is taken."""
+    stats = golden_stats["torch"] * 3  # 18 images
+
+    draws = iter(range(10**6))  # each image its own 120 values of noise
+
+    def noise(bank: aggregations.PathBank) -> torch.Tensor:
+        return torch.from_numpy(np.random.default_rng(next(draws)).normal(size=(len(bank.step_sums), 120)))
+
+    monkeypatch.setitem(aggregations.AGGREGATIONS, "noise-test", noise)
+    overfit = MethodOptions(aggregation="noise-test")  # type: ignore[arg-type]
+    assert generalisation_gap(overfit, features_under(overfit, stats)) > MAX_GAP
+    choice = choose_options(MethodOptions(), stats, candidates=("noise-test", "per-step-centre"))
+    assert choice.options.aggregation == "per-step-centre"
+    assert choice.gaps["noise-test"] > MAX_GAP  # type: ignore[operator]
+
+
+def test_profiles_of_one_walk_load_whatever_their_features(tmp_path: Path) -> None:
+    shipped = json.loads((SHIPPED_MODEL / "profiles" / "default.json").read_text())
+    assert shipped["options"]["aggregation"] == "per-step-centre"
+    profile = Profile.from_dict(shipped)
+    assert profile.selection is None  # format 2: fitted before features were chosen
+    assert Profile.from_dict(profile.to_dict()).to_dict() == profile.to_dict()
+
+
+def test_the_matrix_command_fits_every_set_as_normal_and_scores_the_others(tmp_path: Path) -> None:
+    sets = {name: require_data(name, 24)[0].parent for name in ("celeba", "mnist", "dtd")}
+    out = tmp_path / "matrix.json"
+    argv = ["evaluate", "--matrix", *(f"{n}={d}" for n, d in sets.items()), "--fit-limit", "12",
+            "--limit", "6", "--aggregation", "per-step-centre", "--exclude-from-mean", "mnist",
+            "--json", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    report = json.loads(out.read_text())
+    assert list(report["rows"]) == ["celeba", "mnist", "dtd"]
+    celeba = report["rows"]["celeba"]
+    assert celeba["n_fit"] == 12 and celeba["n_normal"] == 6
+    assert set(celeba["scored"]) == {"mnist", "dtd"}
+    assert celeba["scored"]["mnist"]["auroc"] > 0.9  # digits are nothing like faces
+    assert report["summary"]["pairs"] == 6 and report["summary"]["pairs_without"] == 2
+    assert out.with_suffix(".png").stat().st_size > 1000
