@@ -27,12 +27,18 @@ from app.web.oip.wire import (
     Parameter,
     ResponseOutput,
 )
-from app.web.uploads import decode_base64
+from app.web.uploads import bound_json_values, decode_base64
+
+# JSON values a request may hold besides its images' (a few per image: the string and its separator): the
+# tensor descriptions, outputs and parameters of any real request fit many times over.
+JSON_VALUES_BASE = 256
+FLAGS = ("explain", "binary_data_output")  # request parameters that must be JSON booleans
 
 
 # --- request parsing --------------------------------------------------------------------------------------
-def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
-    """The JSON request and the binary part after it (empty without the binary tensor extension)."""
+def parse_request(body: bytes, header_length: str | None, max_images: int) -> tuple[InferRequest, bytes]:
+    """The JSON request and the binary part after it (empty without the binary tensor extension). The
+    JSON is bounded before it is parsed (``bound_json_values``), as /v1 counts its images first."""
     if header_length is None:
         json_part, binary = body, b""
     else:
@@ -45,13 +51,27 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
                 f"Inference-Header-Content-Length {length} does not fit the {len(body)}-byte body"
             )
         json_part, binary = body[:length], body[length:]
+    bound_json_values(json_part, JSON_VALUES_BASE + 4 * max_images)
     try:
         return InferRequest.model_validate_json(json_part), binary
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
 
 
+def check_flags(req: InferRequest, params: dict[str, Parameter]) -> None:
+    """Boolean parameters must be JSON booleans: ``"false"`` is truthy and would silently mean true."""
+    flags = [(f"parameter {name!r}", params.get(name)) for name in FLAGS]
+    for out in req.outputs or []:
+        flags.append(
+            (f"output {out.name!r} parameter 'binary_data'", (out.parameters or {}).get("binary_data"))
+        )
+    for where, value in flags:
+        if value is not None and not isinstance(value, bool):
+            raise InvalidInput(f"{where} must be true or false (a JSON boolean), not {value!r}"[:200])
+
+
 def wanted_outputs(req: InferRequest, params: dict[str, Parameter]) -> list[str]:
+    check_flags(req, params)
     known = [*OUTPUTS, HEATMAP]
     if not req.outputs:
         return [*OUTPUTS, HEATMAP] if params.get("explain") is True else list(OUTPUTS)

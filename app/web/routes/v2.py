@@ -176,7 +176,9 @@ async def infer(
     deadline = received + settings.request_timeout_s
     body = await _read_body(request, deadline)
     header_length = request.headers.get(HEADER_LENGTH)
-    infer_request, binary = await asyncio.to_thread(parse_request, body, header_length)
+    infer_request, binary = await asyncio.to_thread(
+        parse_request, body, header_length, settings.max_images_per_request
+    )
     params = infer_request.parameters or {}
     profile = params.get("profile")
     if profile is not None and not isinstance(profile, str):
@@ -207,7 +209,10 @@ def _requested_deadline(
 
 async def _read_body(request: Request, deadline: float) -> bytes:
     async def read() -> bytes:
-        return b"".join([chunk async for chunk in request.stream()])
+        body = bytearray()  # grown in place: no list of chunks beside the joined copy
+        async for chunk in request.stream():
+            body += chunk
+        return bytes(body)
 
     try:
         return await asyncio.wait_for(read(), max(0.0, deadline - time.monotonic()))
