@@ -97,10 +97,19 @@ class Settings(BaseSettings):
 
     # --- security ----------------------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="comma-separated bearer tokens; empty = scoring is open"
+        default_factory=list,
+        description="comma-separated bearer tokens for scoring and metadata; empty = scoring is open",
+    )
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated bearer tokens for profile administration (create, overwrite, delete); "
+        "they also score. Scoring keys are refused there (403); empty = administration needs no key only "
+        "with DDM_ALLOW_OPEN_PROFILE_CREATION (creation only) and no keys of either kind",
     )
     allow_open_profile_creation: bool = Field(
-        False, description="allow POST /v1/profiles without API keys (only when api_keys is empty)"
+        False,
+        description="allow POST /v1/profiles without a key when no keys are configured; such anonymous "
+        "creations get the scoring body cap and deadline",
     )
     max_profile_images: int = Field(5000, ge=1)
 
@@ -144,7 +153,7 @@ class Settings(BaseSettings):
             return [v.strip().upper() for v in value.split(",") if v.strip()]
         return value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

@@ -228,7 +228,7 @@ def test_profiles_delete_with_a_key_and_stale_writes_are_cleaned(
     (profiles / "default.json").write_bytes((SHIPPED_MODEL / "profiles" / "default.json").read_bytes())
     stale = profiles / ".widgets.json.k3j2h1.tmp"  # what a kill -9 during a write leaves behind
     stale.write_text("{")
-    server = live_server({"DDM_PROFILES_DIR": str(profiles), "DDM_API_KEYS": "k1,k2"})
+    server = live_server({"DDM_PROFILES_DIR": str(profiles), "DDM_ADMIN_API_KEYS": "k1,k2"})
     assert not stale.exists()
     auth = {"Authorization": "Bearer k1"}
     r = httpx.post(

@@ -13,8 +13,8 @@ protocol here:
   once they pass ``MAX_TRAILER_BYTES`` plus a small allowance per chunk; trailer fields are dropped;
 - closes lingering: when the answer goes out while the request is still arriving (an early 413 carries
   ``Connection: close``, see app/web/middleware.py), the connection is half-closed and what still arrives
-  is dropped without parsing for ``DISCARD_S`` (at most ``DISCARD_BYTES``), then closed. Closing at once would reset the connection
-  and the client, still sending, might never read its answer.
+  is dropped without parsing for ``DISCARD_S`` (at most ``DISCARD_BYTES``), then closed. Closing at once
+  would reset the connection and the client, still sending, might never read its answer.
 
 The field count is checked by ``RequestContext`` once the head is parsed. Limits as common servers set
 them (nginx: 4 x 8 KiB header buffers; Apache: 100 fields); docs/RELIABILITY.md#limits-per-layer.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
@@ -10,7 +11,15 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.engine.calibration.thresholds import DEFAULT_FPRS, MAX_FPRS
 from app.errors import InvalidInput, Unauthorized
-from app.web.deps import AdminAccess, Admission, ClientAccess, KeyAccess, ServiceDep, SettingsDep
+from app.web.deps import (
+    AdminAccess,
+    AdminKeyAccess,
+    Admission,
+    ClientAccess,
+    ServiceDep,
+    SettingsDep,
+    open_profile_creation,
+)
 from app.web.errors import error_responses
 from app.web.openapi import request_body
 from app.web.schemas import (
@@ -21,7 +30,7 @@ from app.web.schemas import (
     ProfileRequest,
     ProfileSummary,
 )
-from app.web.uploads import form_flag, read_upload, until_disconnected
+from app.web.uploads import form_flag, read_upload, read_upload_by, until_disconnected
 
 router = APIRouter(tags=["models"])
 
@@ -91,8 +100,15 @@ async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
 async def create_profile(request: Request, service: ServiceDep, settings: SettingsDep) -> ProfileSummary:
     """Fit a calibration profile for a new domain from 10 or more of its normal images. The images go
     through the same queue as scoring; the profile is saved under the model's profiles folder and is usable
-    by the next request. Needs an API key (or DDM_ALLOW_OPEN_PROFILE_CREATION when no keys are set)."""
-    upload = await read_upload(request, ProfileRequest, settings.max_profile_images)
+    by the next request. Needs an admin key (DDM_ADMIN_API_KEYS; scoring keys get 403), or
+    DDM_ALLOW_OPEN_PROFILE_CREATION when no keys are set: such anonymous uploads get the scoring body cap
+    and must arrive within the request deadline."""
+    if open_profile_creation(settings):
+        received = request.scope["state"].get("received_at", time.monotonic())
+        deadline = received + settings.request_timeout_s
+        upload = await read_upload_by(request, ProfileRequest, settings.max_profile_images, deadline)
+    else:
+        upload = await read_upload(request, ProfileRequest, settings.max_profile_images)
     if isinstance(upload.body, ProfileRequest):
         body = upload.body
         options: dict[str, Any] = {
@@ -104,8 +120,8 @@ async def create_profile(request: Request, service: ServiceDep, settings: Settin
         name = body.name
     else:
         name, options = _form_options(upload.fields)
-    if options["overwrite"] and not settings.api_keys:
-        raise Unauthorized("overwriting a profile needs an API key (configure DDM_API_KEYS)", forbidden=True)
+    if options["overwrite"] and not settings.admin_api_keys:
+        raise Unauthorized("overwriting a profile needs an admin key (DDM_ADMIN_API_KEYS)", forbidden=True)
     profile = await until_disconnected(request, service.create_profile(name, upload.images, **options))
     return ProfileSummary.model_validate(profile.summary())
 
@@ -113,7 +129,7 @@ async def create_profile(request: Request, service: ServiceDep, settings: Settin
 @router.delete(
     "/v1/profiles/{name}",
     status_code=204,
-    dependencies=[KeyAccess],
+    dependencies=[AdminKeyAccess],
     responses=error_responses(401, 403, 404, 409, 422, 503),
     summary="Delete a calibration profile (admin)",
 )
@@ -121,7 +137,7 @@ async def delete_profile(
     name: Annotated[str, Path(min_length=1, max_length=PROFILE_NAME_MAX, pattern=PROFILE_NAME_PATTERN)],
     service: ServiceDep,
 ) -> Response:
-    """Remove a profile from the model's profiles folder; always needs an API key. The service's default
+    """Remove a profile from the model's profiles folder; always needs an admin key. The service's default
     profile cannot be deleted (409)."""
     await service.delete_profile(name)
     return Response(status_code=204)
