@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -254,6 +255,20 @@ def test_profile_creation_is_closed_without_keys_unless_opened(tmp_path: Path, f
             "forbidden",
         )
         assert metric(client, "anomaly_refusals_total", reason="forbidden") == 1
+
+
+def test_request_latency_is_observed_in_seconds(tmp_path: Path, fake: FakeScorer) -> None:
+    """The latency histogram is in seconds (the p99 alert and the dashboards read it so): a request adds
+    at most its wall time as the client measured it, not a thousand times that."""
+    with running(tmp_path, fake) as client:
+        client.post("/v1/score", content=png(1), headers={"content-type": "image/png"})  # the series exists
+        before = metric(client, "anomaly_request_latency_seconds_sum", endpoint="/v1/score")
+        started = time.perf_counter()
+        r = client.post("/v1/score", content=png(2), headers={"content-type": "image/png"})
+        wall = time.perf_counter() - started
+        assert r.status_code in (200, 404)
+        added = metric(client, "anomaly_request_latency_seconds_sum", endpoint="/v1/score") - before
+        assert 0 < added <= wall, (added, wall)
 
 
 def test_api_keys(tmp_path: Path, fake: FakeScorer) -> None:
