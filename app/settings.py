@@ -125,6 +125,16 @@ class Settings(BaseSettings):
         "request_id) for log pipelines",
     )
     drain_timeout_s: float = Field(30.0, ge=0.0, description="how long SIGTERM waits for accepted work")
+    exit_on_load_failure: bool = Field(
+        True,
+        description="exit with status 1 when the model fails to load (an orchestrator then restarts the pod "
+        "and shows the crash), as Triton does; false keeps the process up, live and never ready",
+    )
+    forwarded_allow_ips: str = Field(
+        "",
+        description="addresses of proxies whose X-Forwarded-For/-Proto headers are trusted (comma-separated, "
+        "or *); empty = those headers are ignored and the access log shows the peer's address",
+    )
     keep_alive_timeout_s: float = Field(
         75.0,
         ge=1.0,

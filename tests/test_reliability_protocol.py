@@ -11,9 +11,11 @@ import io
 import json
 import re
 import shutil
+import signal
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -30,6 +32,7 @@ pytestmark = [pytest.mark.live]
 CAP = 1024 * 1024  # DDM_MAX_UPLOAD_BYTES here (the scoring cap, also for anonymous profile uploads)
 PROFILE_CAP = 64 * CAP  # DDM_MAX_PROFILE_UPLOAD_BYTES: only for admin keys
 TIMEOUT_S = 6.0
+DRAIN_S = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,8 @@ def server(
             "DDM_MAX_PROFILE_UPLOAD_BYTES": str(PROFILE_CAP),
             "DDM_REQUEST_TIMEOUT_S": str(TIMEOUT_S),
             "DDM_MAX_IMAGE_PIXELS": str(4096 * 4096),
+            "DDM_DRAIN_TIMEOUT_S": str(DRAIN_S),
+            "DDM_MAX_BATCH_SIZE": "1",  # a profile creation takes many batches: it outlasts the drain
         }
     )
 
@@ -270,3 +275,59 @@ def test_a_small_png_still_scores(server: LiveServer) -> None:
         f"{server.url}/v1/score", content=png_bytes(), headers={"content-type": "image/png"}, timeout=60
     )
     assert r.status_code == 200 and r.headers["x-content-type-options"] == "nosniff"
+
+
+# --- deployment choices -----------------------------------------------------------------------------------
+def test_x_forwarded_for_is_not_trusted_by_default(server: LiveServer) -> None:
+    """uvicorn trusts X-Forwarded-For from loopback unless told otherwise; the service trusts no proxy
+    unless DDM_FORWARDED_ALLOW_IPS names it: the access log shows the peer's own address."""
+    r = httpx.get(f"{server.url}/livez?xff-probe=1", headers={"X-Forwarded-For": "203.0.113.9"}, timeout=30)
+    assert r.status_code == 200
+    line = next(line for line in server.log().splitlines() if "xff-probe" in line)
+    assert "203.0.113.9" not in line and "127.0.0.1:" in line
+
+
+def test_a_model_that_fails_to_load_exits_1(live_server: Callable[..., LiveServer], tmp_path: Path) -> None:
+    """A server whose model folder is missing used to stay up unready forever (liveness 200, so nothing
+    restarted it). Now it exits 1 with the reason logged, as Triton does (DDM_EXIT_ON_LOAD_FAILURE=false
+    keeps the old behaviour: tests/test_reliability_live.py)."""
+    server = live_server({"DDM_MODEL_DIR": str(tmp_path / "no-such-model")}, wait_ready=False)
+    try:
+        code = server.process.wait(120)
+    except Exception:
+        server.stop(signal.SIGKILL)
+        raise
+    assert code == 1, server.log()
+    assert "model failed to load" in server.log() and "exiting: the model failed to load" in server.log()
+
+
+def test_sigterm_during_a_profile_creation_that_outlasts_the_drain(server: LiveServer) -> None:
+    """Last in this module: it stops the server. A profile creation admitted before SIGTERM that cannot
+    finish within the drain gets its answer in JSON (504 at the capped deadline, or 503 if cancelled),
+    writes nothing, logs no traceback, and the process exits 0."""
+    profiles = Path(server.env["DDM_PROFILES_DIR"])
+    rng = np.random.default_rng(5)
+    files = [
+        ("files", (f"{i}.png", png_bytes(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), "image/png"))
+        for i in range(200)
+    ]
+
+    def batches() -> float:
+        return metric_value(httpx.get(f"{server.url}/metrics", timeout=30).text, "anomaly_batch_size_count")
+
+    started = batches()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(
+            httpx.post, f"{server.url}/v1/profiles", data={"name": "drained"}, files=files, timeout=120
+        )
+        end = time.monotonic() + 60
+        while batches() < started + 3:
+            assert time.monotonic() < end and not pending.done(), "the creation never started computing"
+            time.sleep(0.1)
+        server.send(signal.SIGTERM)
+        answer = pending.result(timeout=120)
+    assert answer.status_code in (503, 504), answer.text
+    assert answer.json()["error"]["code"] in ("timeout", "not_ready")
+    assert server.stop() == 0
+    assert "Traceback" not in server.log() and "CancelledError" not in server.log()
+    assert not (profiles / "drained.json").exists() and not list(profiles.glob(".drained*"))

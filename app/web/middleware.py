@@ -52,11 +52,12 @@ class RequestContext:
             await self._serve(scope, receive, exchange, limit)
         except asyncio.CancelledError:
             # the server is stopping past its drain time and cancels what is left: answer in the API's
-            # error shape rather than leave it to the server's plain-text 500
+            # error shape rather than leave it to the server's plain-text 500. Nothing is left to do after
+            # that answer: the task ends here (re-raising would only log a traceback for an expected stop)
+            log.info("cancelled at shutdown: %s [request_id=%s]", scope.get("path"), exchange.request_id)
             if not exchange.started:
                 self.metrics.refuse("not_ready")
                 await exchange.error(503, "not_ready", "the service stopped before this request was answered")
-            raise
         except Exception:
             log.exception("unhandled error on %s [request_id=%s]", scope.get("path"), exchange.request_id)
             self.metrics.refuse("engine_error")
