@@ -81,7 +81,17 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(64, ge=1)
     max_profile_upload_bytes: int = Field(
-        256 * 1024 * 1024, ge=1024, description="body cap of POST /v1/profiles (many reference images)"
+        64 * 1024 * 1024,
+        ge=1024,
+        description="body cap of POST /v1/profiles with an admin key (many reference images: 5000 64x64 "
+        "PNGs are about 60 MB); a creation holds about three times its body at its peak",
+    )
+    profile_creations: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="profile creations at a time (body upload to fitted profile); one more is refused "
+        "before its body is read with 503 queue_full and Retry-After, so memory stays bounded",
     )
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding uploads and encoding heat maps")
     max_decode_queue_images: int = Field(

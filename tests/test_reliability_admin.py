@@ -49,6 +49,7 @@ def server(
             "DDM_API_KEYS": SCORE_KEY,
             "DDM_ADMIN_API_KEYS": ADMIN_KEY,
             "DDM_MAX_BATCH_DELAY_MS": "1",
+            "DDM_PROFILE_CREATIONS": "16",  # the limit itself under concurrent creations
         }
     )
 

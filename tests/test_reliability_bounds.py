@@ -32,7 +32,13 @@ def server(
 ) -> LiveServer:
     profiles = tmp_path_factory.mktemp("profiles")
     (profiles / "default.json").write_bytes((SHIPPED_MODEL / "profiles" / "default.json").read_bytes())
-    return live_server_module({"DDM_PROFILES_DIR": str(profiles), "DDM_ALLOW_OPEN_PROFILE_CREATION": "true"})
+    return live_server_module(
+        {
+            "DDM_PROFILES_DIR": str(profiles),
+            "DDM_ALLOW_OPEN_PROFILE_CREATION": "true",
+            "DDM_PROFILE_CREATIONS": "2",  # two creations of one name race to the name check
+        }
+    )
 
 
 def series(server: LiveServer, name: str, **labels: str) -> float:

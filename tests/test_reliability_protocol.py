@@ -237,6 +237,33 @@ def test_anonymous_profile_uploads_get_the_scoring_caps(server: LiveServer) -> N
     assert time.monotonic() - started < TIMEOUT_S + 2
 
 
+def test_one_profile_creation_at_a_time(server: LiveServer) -> None:
+    """Each creation holds its upload until its profile is fitted: one more than DDM_PROFILE_CREATIONS
+    (1 here) is refused before its body is read, 503 queue_full with Retry-After."""
+    rng = np.random.default_rng(3)
+    files = [
+        ("files", (f"{i}.png", png_bytes(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), "image/png"))
+        for i in range(10)
+    ]
+
+    def batches() -> float:
+        return metric_value(httpx.get(f"{server.url}/metrics", timeout=30).text, "anomaly_batch_size_count")
+
+    started = batches()
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(
+            httpx.post, f"{server.url}/v1/profiles", data={"name": "first"}, files=files, timeout=120
+        )
+        end = time.monotonic() + 60
+        while batches() == started:  # the first creation computes (batches of 1 here)
+            assert time.monotonic() < end and not first.done(), "the first creation never computed"
+            time.sleep(0.05)
+        second = httpx.post(f"{server.url}/v1/profiles", data={"name": "second"}, files=files, timeout=60)
+        assert second.status_code == 503 and second.headers["retry-after"] == "5", second.text
+        assert second.json()["error"]["code"] == "queue_full"
+        assert first.result(timeout=120).status_code == 201
+
+
 # --- decode memory ----------------------------------------------------------------------------------------
 def _deep_png() -> bytes:
     ramp = (np.arange(4096 * 4096, dtype=np.uint32) % 65536).astype(np.uint16).reshape(4096, 4096)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from app.engine.calibration.thresholds import DEFAULT_FPRS, MAX_FPRS
-from app.errors import InvalidInput, Unauthorized
+from app.errors import InvalidInput, Overloaded, Unauthorized
+from app.service.scoring import ScoringService
+from app.settings import Settings
 from app.web.deps import (
     AdminAccess,
     AdminKeyAccess,
@@ -102,7 +106,27 @@ async def create_profile(request: Request, service: ServiceDep, settings: Settin
     through the same queue as scoring; the profile is saved under the model's profiles folder and is usable
     by the next request. Needs an admin key (DDM_ADMIN_API_KEYS; scoring keys get 403), or
     DDM_ALLOW_OPEN_PROFILE_CREATION when no keys are set: such anonymous uploads get the scoring body cap
-    and must arrive within the request deadline."""
+    and must arrive within the request deadline. At most DDM_PROFILE_CREATIONS at a time (503 beyond)."""
+    async with _creation_slot(request, settings):
+        return await _create_profile(request, service, settings)
+
+
+@asynccontextmanager
+async def _creation_slot(request: Request, settings: Settings) -> AsyncIterator[None]:
+    """Refuse, before its body is read, a creation beyond DDM_PROFILE_CREATIONS: each holds its whole
+    upload in memory until its profile is fitted."""
+    state = request.app.state
+    running = getattr(state, "profile_creations", 0)
+    if running >= settings.profile_creations:
+        raise Overloaded("another profile is being created; try again later", retry_after_s=5.0)
+    state.profile_creations = running + 1
+    try:
+        yield
+    finally:
+        state.profile_creations -= 1
+
+
+async def _create_profile(request: Request, service: ScoringService, settings: Settings) -> ProfileSummary:
     if open_profile_creation(settings):
         received = request.scope["state"].get("received_at", time.monotonic())
         deadline = received + settings.request_timeout_s
