@@ -159,6 +159,8 @@ def count_json_images(body: bytes | bytearray, max_images: int) -> None:
             if text[i : i + 1] != ",":
                 return
             i = ws.match(text, i + 1).end()  # type: ignore[union-attr]
+    except PayloadTooLarge:
+        raise
     except (ValueError, _Malformed, RecursionError):
         # malformed (JSONDecodeError), an integer over Python's digit limit, or nested too deep for the
         # stdlib: the validator says what is wrong
