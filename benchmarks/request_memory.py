@@ -13,7 +13,7 @@ cap; four of them are exactly the per-request pixel budget ``DDM_MAX_REQUEST_PIX
 - ``v2-json`` / ``v2-binary``: ``POST /v2/models/{name}/infer``, the JPEGs as base64 BYTES or in the binary
   tensor extension;
 - ``v2-parameters-flood``: a /v2 body of 1.6 M ``parameters`` keys (refused with 413: what it costs first);
-- ``profile-open``: ``POST /v1/profiles`` anonymously (open creation: the scoring cap), three JPEGs and six
+- ``profile-open``: ``POST /v1/profiles`` anonymously (open creation: the scoring cap), four JPEGs and six
   thumbnails;
 - ``profile-admin``: ``POST /v1/profiles`` with an admin key, a JSON body just under the admin cap.
 
@@ -176,12 +176,13 @@ def bodies(names: list[str]) -> dict[str, Scenario]:
                 f'{{"parameters": {{{keys}}}, "inputs": []}}'.encode(), "application/json", V2_INFER
             )
         elif name == "profile-open":
-            files = [(f"{i}.jpg", d, "image/jpeg") for i, d in enumerate(raw[:3] + thumbs)]
+            files = [(f"{i}.jpg", d, "image/jpeg") for i, d in enumerate(raw + thumbs)]
             body, kind = multipart(files, name="open")
             settings = {"DDM_ALLOW_OPEN_PROFILE_CREATION": "true"}
             out[name] = Scenario(body, kind, "/v1/profiles", settings=settings)
         elif name == "profile-admin":
-            big = [photo_jpeg(20 + i, (PROFILE_CAP - margin) * 3 // 4 // IMAGES) for i in range(IMAGES)]
+            # three: with the thumbnails, four 4096² images would pass the pixel budget of a chunk
+            big = [photo_jpeg(20 + i, (PROFILE_CAP - margin) * 3 // 4 // 3) for i in range(3)]
             images = [{"data": base64.b64encode(d).decode()} for d in big + thumbs]
             body = json.dumps({"name": "admin", "images": images}).encode()
             auth = {"authorization": "Bearer memory-admin"}

@@ -229,8 +229,9 @@ def prepare(
     transform = transform or DEFAULT_TRANSFORM
     source_size = image.size
     box = crop_box(transform, *source_size)
-    # Pillow fills the part of a box outside the image with zeros: torchvision's pad(fill=0) then crop
-    square = image.crop(box)
+    # Pillow fills the part of a box outside the image with zeros: torchvision's pad(fill=0) then crop.
+    # A box that is the whole image is not copied (a 4096² RGB image is 64 MiB in Pillow).
+    square = image if box == (0, 0, *source_size) else image.crop(box)
     if square.size != (size, size):
         square = square.resize((size, size), RESAMPLING[transform.interpolation], reducing_gap=None)
     if channels == 1:

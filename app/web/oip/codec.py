@@ -36,11 +36,21 @@ FLAGS = ("explain", "binary_data_output")  # request parameters that must be JSO
 
 
 # --- request parsing --------------------------------------------------------------------------------------
-def parse_request(body: bytes, header_length: str | None, max_images: int) -> tuple[InferRequest, bytes]:
+def parse_request(
+    body: bytearray, header_length: str | None, max_images: int
+) -> tuple[InferRequest, bytearray]:
     """The JSON request and the binary part after it (empty without the binary tensor extension). The
-    JSON is bounded before it is parsed (``bound_json_values``), as /v1 counts its images first."""
+    JSON is bounded before it is parsed (``bound_json_values``), as /v1 counts its images first; ``body``
+    is emptied once parsed (the request holds only what it still needs)."""
+    try:
+        return _parse(body, header_length, max_images)
+    finally:
+        body.clear()
+
+
+def _parse(body: bytearray, header_length: str | None, max_images: int) -> tuple[InferRequest, bytearray]:
     if header_length is None:
-        json_part, binary = body, b""
+        json_part, binary = body, bytearray()
     else:
         try:
             length = int(header_length)
@@ -50,7 +60,8 @@ def parse_request(body: bytes, header_length: str | None, max_images: int) -> tu
             raise InvalidInput(
                 f"Inference-Header-Content-Length {length} does not fit the {len(body)}-byte body"
             )
-        json_part, binary = body[:length], body[length:]
+        with memoryview(body) as view:  # one copy of the binary part, none of the whole body
+            json_part, binary = bytearray(view[:length]), bytearray(view[length:])
     bound_json_values(json_part, JSON_VALUES_BASE + 4 * max_images)
     try:
         return InferRequest.model_validate_json(json_part), binary
@@ -84,7 +95,15 @@ def wanted_outputs(req: InferRequest, params: dict[str, Parameter]) -> list[str]
     return names
 
 
-def request_images(req: InferRequest, binary: bytes, max_images: int) -> list[tuple[str, bytes]]:
+def take_images(req: InferRequest, binary: bytearray, max_images: int) -> list[tuple[str, bytes]]:
+    """``request_images``, then the base64 text is dropped from ``req``: only the decoded bytes are kept
+    while the request waits for the model."""
+    images = request_images(req, binary, max_images)
+    req.inputs[0].data = None
+    return images
+
+
+def request_images(req: InferRequest, binary: bytearray, max_images: int) -> list[tuple[str, bytes]]:
     if len(req.inputs) != 1 or req.inputs[0].name != INPUT_NAME:
         raise InvalidInput(f"expected one input named {INPUT_NAME!r} (BYTES, shape [N]: encoded images)")
     tensor = req.inputs[0]
@@ -141,7 +160,7 @@ def _flatten(data: list[Any], count: int) -> list[str]:
     return flat
 
 
-def _split_bytes(raw: bytes, count: int) -> list[bytes]:
+def _split_bytes(raw: bytearray, count: int) -> list[bytes]:
     """The binary tensor extension's BYTES layout: per element a 4-byte little-endian length, then bytes."""
     out, offset = [], 0
     for _ in range(count):
@@ -151,7 +170,8 @@ def _split_bytes(raw: bytes, count: int) -> list[bytes]:
         offset += 4
         if offset + n > len(raw):
             raise InvalidInput("a binary BYTES element runs past the end of the body")
-        out.append(raw[offset : offset + n])
+        with memoryview(raw) as view:
+            out.append(bytes(view[offset : offset + n]))
         offset += n
     if offset != len(raw):
         raise InvalidInput("binary BYTES data is longer than its shape")
