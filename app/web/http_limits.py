@@ -44,103 +44,113 @@ DISCARD_BYTES = 16 * 1024 * 1024  # ... and how much of it at most
 
 
 def bounded_http_protocol(on_refused: Callable[[], None]) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with the limits above; ``on_refused`` counts each 431 it sends."""
+    """``BoundedHttpToolsProtocol`` for uvicorn's ``http=``; ``on_refused`` counts each 431 it sends."""
 
-    class BoundedHttpToolsProtocol(HttpToolsProtocol):
-        _phase = "idle"  # "head" | "body" (the request is still arriving) | "idle"
-        _head_streamed = 0  # bytes received while a head was incomplete
-        _head_parsed = 0  # bytes of the request line and fields parsed so far
-        _framing = 0  # bytes of a body that were not body data (chunk lines, trailers)
-        _chunks = 0
-        _body_seen = 0
-        _discarding = False
-        _discarded = 0
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
-
-        def data_received(self, data: bytes) -> None:
-            if self._discarding:
-                self._discarded += len(data)
-                if self._discarded > DISCARD_BYTES:
-                    self.transport.close()
-                return
-            phase, body_before = self._phase, self._body_seen
-            super().data_received(data)
-            if self._discarding or self.transport.is_closing():
-                return
-            if self._phase == "head":  # the head is still incomplete: every byte of this read was head
-                self._head_streamed += len(data)
-                if self._head_streamed > MAX_HEADER_BYTES:
-                    self._refuse(f"request head over {MAX_HEADER_BYTES} bytes")
-            elif phase == "body" and self._phase == "body":
-                self._framing += len(data) - (self._body_seen - body_before)
-                if self._framing > MAX_TRAILER_BYTES + CHUNK_FRAMING_ALLOWANCE * self._chunks:
-                    self._refuse(f"chunk framing and trailers over {MAX_TRAILER_BYTES} bytes")
-
-        # parser callbacks: after a refusal the parser may still run over the rest of the read; ignored
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._phase = "head"
-            self._head_streamed = self._head_parsed = self._framing = self._chunks = self._body_seen = 0
-
-        def on_url(self, url: bytes) -> None:
-            self._head_parsed += len(url) + 16  # the method, the version and the line's separators
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            if self._discarding or self._phase != "head":
-                return  # a trailer field: counted as framing, never kept (the app does not read them)
-            self._head_parsed += len(name) + len(value) + 4
-            super().on_header(name, value)
-
-        def on_headers_complete(self) -> None:
-            if self._discarding:
-                return
-            if self._head_parsed > MAX_HEADER_BYTES:  # the whole head came in one read
-                self._refuse(f"request head over {MAX_HEADER_BYTES} bytes")
-                return
-            self._phase = "body"
-            super().on_headers_complete()
-
-        def on_chunk_header(self) -> None:
-            self._chunks += 1
-
-        def on_body(self, body: bytes) -> None:
-            if self._discarding:
-                return
-            self._body_seen += len(body)
-            super().on_body(body)
-
-        def on_message_complete(self) -> None:
-            if self._discarding:
-                return
-            self._phase = "idle"
-            super().on_message_complete()
-
-        def input_pending(self) -> bool:
-            return self._phase != "idle"
-
-        def linger(self, transport: asyncio.Transport) -> None:
-            """Half-close and drop what still arrives, unparsed, for DISCARD_S; then close."""
-            self._discarding = True
-            if transport.can_write_eof():
-                transport.write_eof()
-            transport.resume_reading()  # flow control may have paused it; the rest is dropped, not kept
-            self.loop.call_later(DISCARD_S, transport.close)
-
-        def _refuse(self, message: str) -> None:
+    class Counted(BoundedHttpToolsProtocol):
+        def on_refused(self) -> None:
             on_refused()
-            cycle = self.cycle if self._phase == "body" else None
-            if cycle is not None:  # the app waits for this body: it sees the client gone
-                cycle.disconnected = True
-                cycle.message_event.set()
-            if cycle is None or not cycle.response_started:
-                self.transport.write(_answer_431(self.url.decode("latin-1"), message))
-            self._phase = "head"  # the rest of the input is never read: close lingering
-            self.transport.close()
 
-    return BoundedHttpToolsProtocol
+    return Counted
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits above (see ``bounded_http_protocol``)."""
+
+    _phase = "idle"  # "head" | "body" (the request is still arriving) | "idle"
+    _head_streamed = 0  # bytes received while a head was incomplete
+    _head_parsed = 0  # bytes of the request line and fields parsed so far
+    _framing = 0  # bytes of a body that were not body data (chunk lines, trailers)
+    _chunks = 0
+    _body_seen = 0
+    _discarding = False
+    _discarded = 0
+
+    def on_refused(self) -> None:
+        """Called for each 431 sent (the service counts it as a refusal)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            self._discarded += len(data)
+            if self._discarded > DISCARD_BYTES:
+                self.transport.close()
+            return
+        phase, body_before = self._phase, self._body_seen
+        super().data_received(data)
+        if self._discarding or self.transport.is_closing():
+            return
+        if self._phase == "head":  # the head is still incomplete: every byte of this read was head
+            self._head_streamed += len(data)
+            if self._head_streamed > MAX_HEADER_BYTES:
+                self._refuse(f"request head over {MAX_HEADER_BYTES} bytes")
+        elif phase == "body" and self._phase == "body":
+            self._framing += len(data) - (self._body_seen - body_before)
+            if self._framing > MAX_TRAILER_BYTES + CHUNK_FRAMING_ALLOWANCE * self._chunks:
+                self._refuse(f"chunk framing and trailers over {MAX_TRAILER_BYTES} bytes")
+
+    # parser callbacks: after a refusal the parser may still run over the rest of the read; ignored
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._phase = "head"
+        self._head_streamed = self._head_parsed = self._framing = self._chunks = self._body_seen = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._head_parsed += len(url) + 16  # the method, the version and the line's separators
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._discarding or self._phase != "head":
+            return  # a trailer field: counted as framing, never kept (the app does not read them)
+        self._head_parsed += len(name) + len(value) + 4
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._discarding:
+            return
+        if self._head_parsed > MAX_HEADER_BYTES:  # the whole head came in one read
+            self._refuse(f"request head over {MAX_HEADER_BYTES} bytes")
+            return
+        self._phase = "body"
+        super().on_headers_complete()
+
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
+
+    def on_body(self, body: bytes) -> None:
+        if self._discarding:
+            return
+        self._body_seen += len(body)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._discarding:
+            return
+        self._phase = "idle"
+        super().on_message_complete()
+
+    def input_pending(self) -> bool:
+        return self._phase != "idle"
+
+    def linger(self, transport: asyncio.Transport) -> None:
+        """Half-close and drop what still arrives, unparsed, for DISCARD_S; then close."""
+        self._discarding = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.resume_reading()  # flow control may have paused it; the rest is dropped, not kept
+        self.loop.call_later(DISCARD_S, transport.close)
+
+    def _refuse(self, message: str) -> None:
+        self.on_refused()
+        cycle = self.cycle if self._phase == "body" else None
+        if cycle is not None:  # the app waits for this body: it sees the client gone
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if cycle is None or not cycle.response_started:
+            self.transport.write(_answer_431(self.url.decode("latin-1"), message))
+        self._phase = "head"  # the rest of the input is never read: close lingering
+        self.transport.close()
 
 
 class _LingeringTransport:

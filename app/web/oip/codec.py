@@ -95,12 +95,17 @@ def wanted_outputs(req: InferRequest, params: dict[str, Parameter]) -> list[str]
     return names
 
 
-def take_images(req: InferRequest, binary: bytearray, max_images: int) -> list[tuple[str, bytes]]:
-    """``request_images``, then the base64 text is dropped from ``req``: only the decoded bytes are kept
-    while the request waits for the model."""
+def read_infer(
+    body: bytearray, header_length: str | None, max_images: int
+) -> tuple[InferRequest, list[str], list[tuple[str, bytes]]]:
+    """The request, the outputs it wants and its images, in one step: the body is emptied once parsed and
+    the base64 text dropped once decoded, so only the decoded bytes are kept while the request waits for
+    the model (docs/RELIABILITY.md#memory-per-request)."""
+    req, binary = parse_request(body, header_length, max_images)
+    wanted = wanted_outputs(req, req.parameters or {})
     images = request_images(req, binary, max_images)
     req.inputs[0].data = None
-    return images
+    return req, wanted, images
 
 
 def request_images(req: InferRequest, binary: bytearray, max_images: int) -> list[tuple[str, bytes]]:

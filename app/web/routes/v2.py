@@ -28,7 +28,7 @@ from app.errors import DeadlineExceeded, InvalidInput, ModelNotFound
 from app.service.scoring import ScoringService
 from app.settings import Settings
 from app.web.deps import Admission, ClientAccess, ServiceDep, SettingsDep
-from app.web.oip.codec import encode_response, parse_request, take_images, wanted_outputs
+from app.web.oip.codec import encode_response, read_infer
 from app.web.oip.errors import oip_errors
 from app.web.oip.wire import (
     EXTENSIONS,
@@ -176,19 +176,15 @@ async def infer(
     deadline = received + settings.request_timeout_s
     body = await _read_body(request, deadline)
     header_length = request.headers.get(HEADER_LENGTH)
-    async with parse_slot(request):  # emptied once parsed
-        infer_request, binary = await asyncio.to_thread(
-            parse_request, body, header_length, settings.max_images_per_request
+    async with parse_slot(request):
+        infer_request, wanted, images = await asyncio.to_thread(
+            read_infer, body, header_length, settings.max_images_per_request
         )
     params = infer_request.parameters or {}
     profile = params.get("profile")
     if profile is not None and not isinstance(profile, str):
         raise InvalidInput("parameter 'profile' must be a string")
     deadline = _requested_deadline(params, received, deadline, settings)
-    wanted = wanted_outputs(infer_request, params)
-    async with parse_slot(request):
-        images = await asyncio.to_thread(take_images, infer_request, binary, settings.max_images_per_request)
-    del binary
     outcome = await until_disconnected(
         request, service.score(images, profile=profile, explain=HEATMAP in wanted, deadline=deadline)
     )
