@@ -13,8 +13,8 @@ cap; four of them are exactly the per-request pixel budget ``DDM_MAX_REQUEST_PIX
 - ``v2-json`` / ``v2-binary``: ``POST /v2/models/{name}/infer``, the JPEGs as base64 BYTES or in the binary
   tensor extension;
 - ``v2-parameters-flood``: a /v2 body of 1.6 M ``parameters`` keys (refused with 413: what it costs first);
-- ``profile-open``: ``POST /v1/profiles`` anonymously (open creation: the scoring cap), four JPEGs and six
-  thumbnails;
+- ``profile-open``: ``POST /v1/profiles`` anonymously (open creation: the scoring cap), three 4096² JPEGs
+  and seven thumbnails (ten, the fewest a profile takes; a fourth large image would pass the pixel budget);
 - ``profile-admin``: ``POST /v1/profiles`` with an admin key, a JSON body just under the admin cap.
 
 Reported: resident memory when idle (after one small warm-up request), the peak while the requests run,
@@ -149,7 +149,7 @@ def bodies(names: list[str]) -> dict[str, Scenario]:
     raw = [photo_jpeg(i, (UPLOAD_CAP - margin) // IMAGES) for i in range(IMAGES)]
     small = [photo_jpeg(i, (UPLOAD_CAP - margin) * 3 // 4 // IMAGES) for i in range(IMAGES)]
     b64 = [base64.b64encode(d).decode() for d in small]
-    thumbs = [thumbnail(10 + i) for i in range(6)]  # a profile takes at least 10 images
+    thumbs = [thumbnail(10 + i) for i in range(7)]  # with three large images: the 10 a profile needs
     out: dict[str, Scenario] = {}
     for name in names:
         if name == "json":
@@ -176,7 +176,9 @@ def bodies(names: list[str]) -> dict[str, Scenario]:
                 f'{{"parameters": {{{keys}}}, "inputs": []}}'.encode(), "application/json", V2_INFER
             )
         elif name == "profile-open":
-            files = [(f"{i}.jpg", d, "image/jpeg") for i, d in enumerate(raw + thumbs)]
+            # three: with the thumbnails, four 4096² images would pass the pixel budget of a chunk
+            big = [photo_jpeg(30 + i, (UPLOAD_CAP - margin) // 3) for i in range(3)]
+            files = [(f"{i}.jpg", d, "image/jpeg") for i, d in enumerate(big + thumbs)]
             body, kind = multipart(files, name="open")
             settings = {"DDM_ALLOW_OPEN_PROFILE_CREATION": "true"}
             out[name] = Scenario(body, kind, "/v1/profiles", settings=settings)

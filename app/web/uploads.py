@@ -35,7 +35,7 @@ MAX_FORM_FIELDS = 16
 # JSON bodies parsed (and their base64 decoded) at a time: parsing holds a body three times over (its
 # bytes, the parsed strings, the decoded images), so concurrent bodies wait their turn here instead
 # (docs/RELIABILITY.md#memory-per-request)
-JSON_PARSERS = 2
+JSON_PARSERS = 1
 _JSON = json.JSONDecoder()
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 RAW_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff")
