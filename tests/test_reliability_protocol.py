@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.web.http_limits import DISCARD_BYTES, MAX_HEADER_BYTES, MAX_TRAILER_BYTES
+from app.web.http_limits import MAX_HEADER_BYTES, MAX_TRAILER_BYTES
 from tests.conftest import LiveServer
 from tests.helpers import SHIPPED_MODEL, metric_value, png_bytes
 
@@ -156,7 +156,8 @@ def test_a_head_over_the_cap_in_one_read_is_431(server: LiveServer, size: int, p
 
 def test_413_on_a_chunked_upload_closes_the_connection(server: LiveServer) -> None:
     """After a 413 the connection stayed open and 200 MiB more were read and parsed for nothing. Now the
-    413 says ``Connection: close`` and the server stops reading soon after (at most DISCARD_BYTES more)."""
+    413 says ``Connection: close`` and the server drops the rest unparsed, at most the largest body cap
+    (here PROFILE_CAP), then closes."""
     sock = connect(server)
     sock.sendall(
         b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -180,7 +181,7 @@ def test_413_on_a_chunked_upload_closes_the_connection(server: LiveServer) -> No
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
     assert b"\r\nconnection: close\r\n" in answer.lower()
     assert closed, f"the server read {sent} bytes and never closed"
-    assert after_answer < DISCARD_BYTES + 16 * 1024 * 1024  # what was dropped + socket buffers
+    assert after_answer < PROFILE_CAP + 16 * 1024 * 1024  # what was dropped + socket buffers
 
 
 def test_declared_body_over_the_cap_closes_the_connection(server: LiveServer) -> None:

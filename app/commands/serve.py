@@ -89,7 +89,10 @@ def serve_app(app: FastAPI, settings: Settings) -> int:
         proxy_headers=bool(settings.forwarded_allow_ips),
         forwarded_allow_ips=settings.forwarded_allow_ips or None,
         # bounds the request head (431) before the app buffers it; counted like every refusal
-        http=bounded_http_protocol(lambda: app.state.metrics.refuse("too_large")),
+        http=bounded_http_protocol(
+            lambda: app.state.metrics.refuse("too_large"),
+            discard_bytes=max(settings.max_upload_bytes, settings.max_profile_upload_bytes),
+        ),
     )
     logging.getLogger("uvicorn.access").addFilter(RedactQuerySecrets())  # after uvicorn set up logging
     log_format.configure(settings.log_format, "uvicorn", "uvicorn.error", "uvicorn.access")

@@ -13,7 +13,7 @@ protocol here:
   once they pass ``MAX_TRAILER_BYTES`` plus a small allowance per chunk; trailer fields are dropped;
 - closes lingering: when the answer goes out while the request is still arriving (an early 413 carries
   ``Connection: close``, see app/web/middleware.py), the connection is half-closed and what still arrives
-  is dropped without parsing for ``DISCARD_S`` (at most ``DISCARD_BYTES``), then closed. Closing at once
+  is dropped without parsing for ``DISCARD_S`` (at most the largest body cap), then closed. Closing at once
   would reset the connection and the client, still sending, might never read its answer.
 
 The field count is checked by ``RequestContext`` once the head is parsed. Limits as common servers set
@@ -40,13 +40,19 @@ MAX_TRAILER_BYTES = 32 * 1024  # trailer fields + chunk framing of one body, bey
 CHUNK_FRAMING_ALLOWANCE = 64  # bytes per chunk: its size line (with extensions) and two CRLFs
 MAX_HEADER_FIELDS = 100
 DISCARD_S = 2.0  # how long the rest of an answered request is read and dropped before the close
-DISCARD_BYTES = 16 * 1024 * 1024  # ... and how much of it at most
+DISCARD_BYTES = 64 * 1024 * 1024  # ... and how much of it at most (serve passes its largest body cap)
 
 
-def bounded_http_protocol(on_refused: Callable[[], None]) -> type[HttpToolsProtocol]:
-    """``BoundedHttpToolsProtocol`` for uvicorn's ``http=``; ``on_refused`` counts each 431 it sends."""
+def bounded_http_protocol(
+    on_refused: Callable[[], None], discard_bytes: int = DISCARD_BYTES
+) -> type[HttpToolsProtocol]:
+    """``BoundedHttpToolsProtocol`` for uvicorn's ``http=``; ``on_refused`` counts each 431 it sends;
+    ``discard_bytes``: the most of a refused body dropped before the close (a body within the caps is
+    dropped to its end, so its client reads the answer)."""
 
     class Counted(BoundedHttpToolsProtocol):
+        max_discard = discard_bytes
+
         def on_refused(self) -> None:
             on_refused()
 
@@ -64,6 +70,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _body_seen = 0
     _discarding = False
     _discarded = 0
+    max_discard = DISCARD_BYTES
 
     def on_refused(self) -> None:
         """Called for each 431 sent (the service counts it as a refusal)."""
@@ -74,7 +81,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             self._discarded += len(data)
-            if self._discarded > DISCARD_BYTES:
+            if self._discarded > self.max_discard:
                 self.transport.close()
             return
         phase, body_before = self._phase, self._body_seen
