@@ -83,7 +83,17 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(64, ge=1)
     max_profile_upload_bytes: int = Field(
-        256 * 1024 * 1024, ge=1024, description="body cap of POST /v1/profiles (many reference images)"
+        64 * 1024 * 1024,
+        ge=1024,
+        description="body cap of POST /v1/profiles with an admin key (many reference images: 5000 64x64 "
+        "PNGs are about 60 MB); a creation holds about three times its body at its peak",
+    )
+    profile_creations: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="profile creations at a time (body upload to fitted profile); one more is refused "
+        "before its body is read with 503 queue_full and Retry-After, so memory stays bounded",
     )
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding uploads and encoding heat maps")
     max_decode_queue_images: int = Field(
@@ -99,10 +109,19 @@ class Settings(BaseSettings):
 
     # --- security ----------------------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="comma-separated bearer tokens; empty = scoring is open"
+        default_factory=list,
+        description="comma-separated bearer tokens for scoring and metadata; empty = scoring is open",
+    )
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated bearer tokens for profile administration (create, overwrite, delete); "
+        "they also score. Scoring keys are refused there (403); empty = administration needs no key only "
+        "with DDM_ALLOW_OPEN_PROFILE_CREATION (creation only) and no keys of either kind",
     )
     allow_open_profile_creation: bool = Field(
-        False, description="allow POST /v1/profiles without API keys (only when api_keys is empty)"
+        False,
+        description="allow POST /v1/profiles without a key when no keys are configured; such anonymous "
+        "creations get the scoring body cap and deadline",
     )
     max_profile_images: int = Field(5000, ge=1)
 
@@ -118,6 +137,16 @@ class Settings(BaseSettings):
         "request_id) for log pipelines",
     )
     drain_timeout_s: float = Field(30.0, ge=0.0, description="how long SIGTERM waits for accepted work")
+    exit_on_load_failure: bool = Field(
+        True,
+        description="exit with status 1 when the model fails to load (an orchestrator then restarts the pod "
+        "and shows the crash), as Triton does; false keeps the process up, live and never ready",
+    )
+    forwarded_allow_ips: str = Field(
+        "",
+        description="addresses of proxies whose X-Forwarded-For/-Proto headers are trusted (comma-separated, "
+        "or *); empty = those headers are ignored and the access log shows the peer's address",
+    )
     keep_alive_timeout_s: float = Field(
         75.0,
         ge=1.0,
@@ -146,7 +175,7 @@ class Settings(BaseSettings):
             return [v.strip().upper() for v in value.split(",") if v.strip()]
         return value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

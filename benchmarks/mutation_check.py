@@ -209,6 +209,39 @@ MUTATIONS: tuple[Mutation, ...] = (
         (SECURITY,),
         "scoring open although API keys are configured",
     ),
+    # --- tests that let real bugs through, found by planting them by hand ------------------------------
+    Mutation(
+        "latency-in-milliseconds",
+        "app/web/middleware.py",
+        "self.metrics.request_latency.labels(endpoint=endpoint).observe(seconds)",
+        "self.metrics.request_latency.labels(endpoint=endpoint).observe(seconds * 1000)",
+        ("tests/test_api.py::test_request_latency_is_observed_in_seconds",),
+        "request latency observed in milliseconds (the p99 alert and latency panels off 1000x)",
+    ),
+    Mutation(
+        "case-conflict-one-side",
+        "app/engine/calibration/store.py",
+        "if existing.casefold() == name.casefold() and existing != name:",
+        "if existing == name.casefold() and existing != name:",
+        ("tests/test_calibration.py::test_a_name_that_differs_only_by_case_from_an_existing_one_is_refused",),
+        "an existing 'Widgets' no longer blocks 'widgets' or 'WIDGETS'",
+    ),
+    Mutation(
+        "profile-written-in-place",
+        "app/engine/calibration/profile.py",
+        'fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)',
+        "fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(path)",
+        ("tests/test_calibration.py::test_a_write_that_fails_part_way_leaves_the_existing_profile_intact",),
+        "a profile written in place: an error part-way through destroys the profile it replaces",
+    ),
+    Mutation(
+        "stein-error-sign",
+        "app/engine/methods/path_sums.py",
+        "error = step.eps_theta - step.eps_star",
+        "error = step.eps_star - step.eps_theta",
+        ("tests/test_goldens.py::test_non_default_options_match_the_goldens[aggregation=sum]",),
+        "the Stein error's sign flipped (shows only in the sum aggregation's odd powers)",
+    ),
 )
 
 

@@ -39,7 +39,7 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     profiles = workdir / "profiles"
     profiles.mkdir()
     shutil.copy(DEFAULT_PROFILE, profiles / "default.json")
-    return spawn_server({"DDM_API_KEYS": KEY, "DDM_LOG_LEVEL": "warning"}, workdir)
+    return spawn_server({"DDM_API_KEYS": KEY, "DDM_ADMIN_API_KEYS": KEY, "DDM_LOG_LEVEL": "warning"}, workdir)
 
 
 def run(url: str, api_key: str, max_examples: int, out: Path, seed: int | None) -> int:

@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -256,8 +257,24 @@ def test_profile_creation_is_closed_without_keys_unless_opened(tmp_path: Path, f
         assert metric(client, "anomaly_refusals_total", reason="forbidden") == 1
 
 
+def test_request_latency_is_observed_in_seconds(tmp_path: Path, fake: FakeScorer) -> None:
+    """The latency histogram is in seconds (the p99 alert and the dashboards read it so): a request adds
+    at most its wall time as the client measured it, not a thousand times that."""
+    with running(tmp_path, fake) as client:
+        client.post("/v1/score", content=png(1), headers={"content-type": "image/png"})  # the series exists
+        before = metric(client, "anomaly_request_latency_seconds_sum", endpoint="/v1/score")
+        started = time.perf_counter()
+        r = client.post("/v1/score", content=png(2), headers={"content-type": "image/png"})
+        wall = time.perf_counter() - started
+        assert r.status_code in (200, 404)
+        added = metric(client, "anomaly_request_latency_seconds_sum", endpoint="/v1/score") - before
+        assert 0 < added <= wall, (added, wall)
+
+
 def test_api_keys(tmp_path: Path, fake: FakeScorer) -> None:
-    with running(tmp_path, fake, api_keys="alpha-key,beta-key", allow_open_profile_creation=False) as client:
+    """Scoring keys score; profile administration takes an admin key, which scores too."""
+    keys = {"api_keys": "alpha-key,beta-key", "admin_api_keys": "admin-key"}
+    with running(tmp_path, fake, **keys, allow_open_profile_creation=False) as client:
         body = {"content": png(1), "headers": {"content-type": "image/png"}}
         missing = client.post("/v1/score", **body)
         error_of(missing, 401, "unauthorized")
@@ -266,15 +283,20 @@ def test_api_keys(tmp_path: Path, fake: FakeScorer) -> None:
         error_of(client.post("/v1/score", content=png(1), headers=wrong), 401, "unauthorized")
         error_of(client.get("/v1/models"), 401, "unauthorized")
         auth = {"authorization": "Bearer beta-key"}
+        admin = {"authorization": "Bearer admin-key"}
         files = [("files", (f"{i}.png", png(i), "image/png")) for i in range(10)]
+        refused = client.post("/v1/profiles", data={"name": "default"}, files=files, headers=auth)
+        error_of(refused, 403, "forbidden")  # a scoring key never administers profiles
         assert (
-            client.post("/v1/profiles", data={"name": "default"}, files=files, headers=auth).status_code
+            client.post("/v1/profiles", data={"name": "default"}, files=files, headers=admin).status_code
             == 201
         )
-        ok = client.post("/v1/score", content=png(1), headers={"content-type": "image/png", **auth})
-        assert ok.status_code == 200
+        for key in (auth, admin):
+            ok = client.post("/v1/score", content=png(1), headers={"content-type": "image/png", **key})
+            assert ok.status_code == 200
         assert client.get("/livez").status_code == 200 and client.get("/metrics").status_code == 200
         assert metric(client, "anomaly_refusals_total", reason="unauthorized") == 3
+        assert metric(client, "anomaly_refusals_total", reason="forbidden") == 1
 
 
 # --- the error table and limits ----------------------------------------------------------------------------

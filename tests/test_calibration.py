@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from app.engine.calibration.profile import Profile
 from app.engine.calibration.store import ProfileStore, validate_profile_name
 from app.engine.calibration.thresholds import conformal_threshold
 from app.engine.types import ImageStats, MethodOptions
-from app.errors import InvalidInput, ProfileMismatch, ProfileNotFound
+from app.errors import InvalidInput, ProfileConflict, ProfileMismatch, ProfileNotFound
 
 OPTIONS = MethodOptions()
 
@@ -181,3 +182,45 @@ def test_a_profile_must_use_its_methods_density() -> None:
         Profile.from_dict({**data, "options": {**data["options"], "method": "no-such-method"}})
     with pytest.raises(ProfileMismatch, match="uses gmm"):
         Profile.from_dict({**data, "density": {"kind": "direct"}})
+
+
+# --- profile files: names and writes ---------------------------------------------------------------------
+def _fitted(name: str, seed: int = 0) -> Profile:
+    features = np.random.default_rng(seed).normal(size=(20, 6))
+    return fit_profile(name, features, model_id="m@0", options=MethodOptions())
+
+
+@pytest.mark.parametrize("new", ["widgets", "WIDGETS", "wIdGeTs"])
+def test_a_name_that_differs_only_by_case_from_an_existing_one_is_refused(tmp_path: Path, new: str) -> None:
+    """Both directions: an existing ``Widgets`` blocks ``widgets`` and ``WIDGETS`` (one file on a
+    case-insensitive filesystem), as an existing ``widgets`` blocks ``Widgets``."""
+    store = ProfileStore(tmp_path, "m@0", MethodOptions())
+    store.save(_fitted("Widgets"))
+    with pytest.raises(ProfileConflict, match="only by case"):
+        store.check_new(new, overwrite=True)
+    other = ProfileStore(tmp_path / "lower", "m@0", MethodOptions())
+    other.save(_fitted("widgets"))
+    with pytest.raises(ProfileConflict, match="only by case"):
+        other.check_new("Widgets", overwrite=True)
+
+
+def test_a_write_that_fails_part_way_leaves_the_existing_profile_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Profiles are written to a temp file and renamed: a write that fails half-way (disk full, a crash)
+    never destroys the profile it was replacing, and leaves no temp file."""
+    store = ProfileStore(tmp_path, "m@0", MethodOptions())
+    path = store.save(_fitted("widgets"))
+    original = path.read_bytes()
+
+    def failing_dump(obj: object, fh: Any, **kwargs: Any) -> None:
+        fh.write(json.dumps(obj)[:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(profile_module.json, "dump", failing_dump)
+    with pytest.raises(OSError, match="No space left"):
+        store.save(_fitted("widgets", seed=1), overwrite=True)
+    monkeypatch.undo()
+    assert path.read_bytes() == original
+    assert Profile.load(path, "m@0", MethodOptions()).name == "widgets"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["widgets.json"]

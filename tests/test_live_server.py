@@ -59,7 +59,9 @@ def profiles_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def main(live_server_module: Callable[..., LiveServer], profiles_dir: Path) -> LiveServer:
     faces(0, 1)  # skip before starting anything when the data is missing
-    server = live_server_module({"DDM_API_KEYS": KEY, "DDM_PROFILES_DIR": str(profiles_dir)})
+    server = live_server_module(
+        {"DDM_API_KEYS": KEY, "DDM_ADMIN_API_KEYS": KEY, "DDM_PROFILES_DIR": str(profiles_dir)}
+    )
     with AnomalyClient(server.url, api_key=KEY) as client:
         summary = client.create_profile(PROFILE, faces(100, 12), source="CelebA 100-111")
     assert summary.n_reference == 12 and summary.model_id.startswith("celeba32-ref@")

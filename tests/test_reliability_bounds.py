@@ -32,7 +32,13 @@ def server(
 ) -> LiveServer:
     profiles = tmp_path_factory.mktemp("profiles")
     (profiles / "default.json").write_bytes((SHIPPED_MODEL / "profiles" / "default.json").read_bytes())
-    return live_server_module({"DDM_PROFILES_DIR": str(profiles), "DDM_ALLOW_OPEN_PROFILE_CREATION": "true"})
+    return live_server_module(
+        {
+            "DDM_PROFILES_DIR": str(profiles),
+            "DDM_ALLOW_OPEN_PROFILE_CREATION": "true",
+            "DDM_PROFILE_CREATIONS": "2",  # two creations of one name race to the name check
+        }
+    )
 
 
 def series(server: LiveServer, name: str, **labels: str) -> float:
@@ -228,7 +234,7 @@ def test_profiles_delete_with_a_key_and_stale_writes_are_cleaned(
     (profiles / "default.json").write_bytes((SHIPPED_MODEL / "profiles" / "default.json").read_bytes())
     stale = profiles / ".widgets.json.k3j2h1.tmp"  # what a kill -9 during a write leaves behind
     stale.write_text("{")
-    server = live_server({"DDM_PROFILES_DIR": str(profiles), "DDM_API_KEYS": "k1,k2"})
+    server = live_server({"DDM_PROFILES_DIR": str(profiles), "DDM_ADMIN_API_KEYS": "k1,k2"})
     assert not stale.exists()
     auth = {"Authorization": "Bearer k1"}
     r = httpx.post(

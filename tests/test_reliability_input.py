@@ -521,6 +521,7 @@ def server(live_server_module: Callable[..., LiveServer]) -> Served:
     live = live_server_module(
         {
             "DDM_API_KEYS": KEY,
+            "DDM_ADMIN_API_KEYS": KEY,  # the one key scores and administers profiles here
             "DDM_MAX_UPLOAD_BYTES": str(CAP_BYTES),
             "DDM_MAX_IMAGE_PIXELS": str(CAP_PIXELS),
             "DDM_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES),

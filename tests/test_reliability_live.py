@@ -7,7 +7,8 @@ and 11x19 / 19x11 / 17x13 images get NaN / +inf / 1e300 features. Ordinary image
 profiles folder starts with six broken or foreign profiles next to the "default" one the fixture creates
 through the API.
 
-``broken``: a model folder whose weights file is garbage; it must stay live and never become ready.
+``broken``: a model folder whose weights file is garbage; with DDM_EXIT_ON_LOAD_FAILURE=false it must stay
+live and never become ready (the default exits: tests/test_reliability_protocol.py).
 
 The tests run in file order: overload, faults, profiles, then SIGTERM under load (which stops ``server``).
 Figures (counts, memory) are printed; docs/RELIABILITY.md quotes them.
@@ -109,7 +110,9 @@ def servers(
     shutil.copy(SHIPPED_MODEL / "unet" / "config.json", broken_model / "unet")
     (broken_model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(media.random_bytes(4096))
     # started first and not waited for: it loads (and fails) while the main server starts
-    broken = live_server_module({"DDM_MODEL_DIR": str(broken_model)}, wait_ready=False)
+    broken = live_server_module(
+        {"DDM_MODEL_DIR": str(broken_model), "DDM_EXIT_ON_LOAD_FAILURE": "false"}, wait_ready=False
+    )
     _foreign_profiles(tmp / "profiles", model_id)
     main = live_server_module(
         {

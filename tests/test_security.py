@@ -69,9 +69,9 @@ def test_keys_are_compared_with_compare_digest_against_every_key(monkeypatch: py
 
     monkeypatch.setattr(deps.secrets, "compare_digest", spy)
     configured = Settings(api_keys="first,second,third")  # type: ignore[arg-type]
-    assert deps.key_matches("first", configured)  # a match on the first key ...
+    assert deps.key_matches("first", configured.api_keys)  # a match on the first key ...
     assert len(calls) == 3  # ... still compares against all three: no early exit
-    assert not deps.key_matches("fourth", configured) and len(calls) == 6
+    assert not deps.key_matches("fourth", configured.api_keys) and len(calls) == 6
     source = ast.parse(Path(deps.__file__).read_text())
     secret_reads = [
         n for n in ast.walk(source) if isinstance(n, ast.Attribute) and n.attr == "get_secret_value"
@@ -165,7 +165,7 @@ def test_access_log_redacts_secrets_in_query_strings() -> None:
 
 
 def test_open_profile_creation_flag_does_not_bypass_configured_keys(tmp_path: Path) -> None:
-    with running(tmp_path, api_keys="admin-key", allow_open_profile_creation=True) as client:
+    with running(tmp_path, admin_api_keys="admin-key", allow_open_profile_creation=True) as client:
         files = [("files", (f"{i}.png", png(i), "image/png")) for i in range(10)]
         refused = client.post("/v1/profiles", data={"name": "p"}, files=files)
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
@@ -206,10 +206,14 @@ def test_profile_count_is_capped(tmp_path: Path) -> None:
 
 
 def test_profile_upload_caps_bytes_and_images(tmp_path: Path) -> None:
-    with running(tmp_path, allow_open_profile_creation=True, max_profile_upload_bytes=4096,
-                 max_profile_images=12) as client:  # fmt: skip
-        big = [("files", (f"{i}.png", png(i, size=(32, 32)), "image/png")) for i in range(3)]
-        assert sum(len(f[1][1]) for f in big) > 4096
+    big = [("files", (f"{i}.png", png(i, size=(32, 32)), "image/png")) for i in range(3)]
+    assert sum(len(f[1][1]) for f in big) > 4096
+    admin = {"authorization": "Bearer admin-key"}
+    with running(tmp_path, admin_api_keys="admin-key", max_profile_upload_bytes=4096) as client:
+        r = client.post("/v1/profiles", data={"name": "big"}, files=big, headers=admin)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+    # anonymous (open) creation gets the scoring cap, not the admin one
+    with running(tmp_path, allow_open_profile_creation=True, max_upload_bytes=4096) as client:
         r = client.post("/v1/profiles", data={"name": "big"}, files=big)
         assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
     with running(tmp_path, allow_open_profile_creation=True, max_profile_images=12) as client:

@@ -85,20 +85,33 @@ def serve_app(app: FastAPI, settings: Settings) -> int:
         timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
         timeout_keep_alive=max(1, math.ceil(settings.keep_alive_timeout_s)),
         lifespan="on",
+        # X-Forwarded-* only from the proxies named (uvicorn trusts loopback by default)
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
         # bounds the request head (431) before the app buffers it; counted like every refusal
-        http=bounded_http_protocol(lambda: app.state.metrics.refuse("too_large")),
+        http=bounded_http_protocol(
+            lambda: app.state.metrics.refuse("too_large"),
+            discard_bytes=max(settings.max_upload_bytes, settings.max_profile_upload_bytes),
+        ),
     )
     logging.getLogger("uvicorn.access").addFilter(RedactQuerySecrets())  # after uvicorn set up logging
     log_format.configure(settings.log_format, "uvicorn", "uvicorn.error", "uvicorn.access")
     apply_thread_policy(settings)  # once, before the lifespan loads the model (logs in the chosen format)
+    service = app.state.service
     server = DrainingServer(
-        config, on_signal=app.state.service.begin_drain, delay_s=settings.shutdown_delay_s
+        config,
+        on_signal=service.begin_drain,
+        delay_s=settings.shutdown_delay_s,
+        give_up=lambda: settings.exit_on_load_failure and service.failure is not None,
     )
     # uvicorn re-raises the signal it caught once it has shut down; with these handlers in place that is a
     # no-op and the process exits 0 instead of dying of the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _ignore)
     server.run()
+    if server.gave_up:
+        log.error("exiting: the model failed to load (DDM_EXIT_ON_LOAD_FAILURE)")
+        return 1
     return 0 if server.started else 1
 
 
@@ -122,14 +135,23 @@ def _ignore(sig: int, frame: FrameType | None) -> None:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's Server with one change: the first signal only starts draining (``on_signal``: readiness
-    503, new work refused) and ``delay_s`` later uvicorn's usual graceful shutdown begins. A second signal
-    goes straight to uvicorn (a second SIGINT forces exit)."""
+    """uvicorn's Server with two changes: the first signal only starts draining (``on_signal``: readiness
+    503, new work refused) and ``delay_s`` later uvicorn's usual graceful shutdown begins (a second signal
+    goes straight to uvicorn: a second SIGINT forces exit); and it stops by itself once ``give_up()`` is
+    true (the model failed to load)."""
 
-    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None], delay_s: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_signal: Callable[[], None],
+        delay_s: float,
+        give_up: Callable[[], bool] = lambda: False,
+    ) -> None:
         super().__init__(config)
         self.on_signal = on_signal
         self.delay_s = delay_s
+        self.give_up = give_up
+        self.gave_up = False
         self.exit_requested_at: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -151,4 +173,6 @@ class DrainingServer(uvicorn.Server):
         requested = self.exit_requested_at
         if requested is not None and time.monotonic() - requested >= self.delay_s:
             self.should_exit = True
+        if not self.gave_up and self.give_up():
+            self.gave_up = self.should_exit = True
         return await super().on_tick(counter)

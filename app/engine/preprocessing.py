@@ -22,11 +22,12 @@ import hashlib
 import io
 import struct
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from app.engine.model.sidecar import InputTransform
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
@@ -97,8 +98,11 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.seek(0)
             image.load()
-            upright = ImageOps.exif_transpose(image) or image
-            return to_rgb(upright)
+            turn = _ORIENTATION.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+            rgb = to_rgb(image)  # converted before it is turned: the turn copies 8-bit RGB, not the source
+            if rgb is not image:
+                image.close()  # its pixels are not needed past here
+            return rgb.transpose(turn) if turn is not None else rgb
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge("image exceeds the pixel cap") from exc
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
@@ -123,25 +127,63 @@ def declared_pixels(data: bytes) -> int:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB."""
+    """Any PIL mode -> 8-bit RGB.
+
+    Deep (16-bit, 32-bit, float) and transparent images are converted a band of rows at a time: their
+    conversion makes float64 arrays or RGBA copies of the whole image (a 4096² 16-bit PNG cost +476 MiB
+    converted whole), a band costs a few MiB. Every step is per pixel, so the result is the same.
+    """
     mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+    if mode == "RGB":
+        return image
+    if mode in DEEP_MODES:
+        peak = float(np.max([np.asarray(band, dtype=np.float64).max(initial=0) for band in _bands(image)]))
+        top = 65535.0 if mode.startswith("I;16") or peak > 255 else 255.0
         if mode == "F":
-            top = 1.0 if arr.max(initial=0) <= 1.0 else top
-        arr8 = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8).convert("RGB")
-    if mode == "P" or mode == "PA":
-        image = image.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode != "RGB":
-        return image.convert("RGB")
-    return image
+            top = 1.0 if peak <= 1.0 else top
+        return _banded(image, lambda band: _scaled_to_8_bits(band, top))
+    if mode in ("P", "PA", "RGBA", "LA", "La", "RGBa"):
+        return _banded(image, _over_black)
+    return image.convert("RGB")
+
+
+DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+BAND_ROWS = 128
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # EXIF orientation -> the turn that makes the image upright (as ImageOps.exif_transpose)
+
+
+def _bands(image: Image.Image) -> Iterator[Image.Image]:
+    width, height = image.size
+    for top in range(0, height, BAND_ROWS):
+        yield image.crop((0, top, width, min(height, top + BAND_ROWS)))
+
+
+def _banded(image: Image.Image, convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    out = Image.new("RGB", image.size)
+    for index, band in enumerate(_bands(image)):
+        out.paste(convert(band), (0, index * BAND_ROWS))
+    return out
+
+
+def _scaled_to_8_bits(band: Image.Image, top: float) -> Image.Image:
+    arr = np.asarray(band, dtype=np.float64)
+    arr8 = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr8).convert("RGB")
+
+
+def _over_black(band: Image.Image) -> Image.Image:
+    """Transparency composited over black."""
+    rgba = band.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 def center_square(image: Image.Image) -> Image.Image:
@@ -187,8 +229,9 @@ def prepare(
     transform = transform or DEFAULT_TRANSFORM
     source_size = image.size
     box = crop_box(transform, *source_size)
-    # Pillow fills the part of a box outside the image with zeros: torchvision's pad(fill=0) then crop
-    square = image.crop(box)
+    # Pillow fills the part of a box outside the image with zeros: torchvision's pad(fill=0) then crop.
+    # A box that is the whole image is not copied (a 4096² RGB image is 64 MiB in Pillow).
+    square = image if box == (0, 0, *source_size) else image.crop(box)
     if square.size != (size, size):
         square = square.resize((size, size), RESAMPLING[transform.interpolation], reducing_gap=None)
     if channels == 1:

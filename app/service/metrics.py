@@ -6,6 +6,7 @@ limited to those that exist on disk (profile names are validated and their count
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -17,6 +18,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
 SCORE_BUCKETS = (-50, -20, -10, -5, 0, 2.5, 5, 7.5, 10, 15, 20, 30, 50, 100, 1000)
 
+VERDICTS = ("normal", "anomaly", "non_finite")  # anomaly_verdicts_total{verdict}
 REFUSAL_REASONS = (
     "queue_full",
     "timeout",
@@ -134,6 +136,17 @@ class Metrics:
             ["profile"],
             registry=r,
         )
+
+    def forget_profile(self, name: str) -> None:
+        """Drop a deleted profile's series: label values stay bounded by the profiles on disk."""
+        series: list[tuple[Histogram | Counter | Gauge, tuple[str, ...]]] = [
+            (self.scores, (name,)),
+            (self.profile_default_fpr, (name,)),
+            *((self.verdicts, (name, verdict)) for verdict in VERDICTS),
+        ]
+        for family, labels in series:
+            with contextlib.suppress(KeyError):  # never touched
+                family.remove(*labels)
 
     def refuse(self, reason: str) -> None:
         """Count a refusal; unknown reasons are folded into ``bad_input`` to keep labels bounded."""

@@ -46,6 +46,7 @@ class ProfileAdmin:
         self._compute = compute
         self._decode = decode
         self._creating: set[str] = set()  # casefolded names of profiles being fitted (event loop only)
+        self._new: set[str] = set()  # those of them that will add a file (count against MAX_PROFILES)
 
     async def create(
         self,
@@ -59,7 +60,9 @@ class ProfileAdmin:
         source: str,
         aggregation: str = AUTO,
     ) -> Profile:
-        """Every option is checked before any image is computed; one creation per name at a time."""
+        """Every option, the name and the room for one more profile are checked before any image is
+        computed; one creation per name at a time. Creations under way hold their place, so concurrent
+        ones cannot together pass the profile limit."""
         validate_profile_name(name)
         validate_fprs(tuple(fprs), default_fpr)
         if len(images) > self.settings.max_profile_images:
@@ -70,12 +73,16 @@ class ProfileAdmin:
         key = name.casefold()
         if key in self._creating:  # the second of two concurrent creations gets 409 at once
             raise ProfileConflict(f"profile {name!r} is being created by another request")
+        adds_file = store.check_room(name, reserved=len(self._new))
         self._creating.add(key)
+        if adds_file:
+            self._new.add(key)
         try:
             profile = await self._fit(name, images, tuple(fprs), default_fpr, source, aggregation)
             await asyncio.to_thread(store.save, profile, overwrite)
         finally:
             self._creating.discard(key)
+            self._new.discard(key)
         log.info("calibration profile %r created from %d images", name, len(images))
         return profile
 

@@ -289,6 +289,7 @@ class ScoringService:
     async def delete_profile(self, name: str) -> None:
         """Remove a profile; the one requests use by default cannot be removed (409)."""
         await self._profile_admin.delete(self._check_ready(), name)
+        self.metrics.forget_profile(name)
 
     def model_ids(self) -> list[str]:
         return [self.engine.info.model_id] if self.engine.ready else []

@@ -12,6 +12,7 @@ from app import __version__
 from app.service.metrics import Metrics
 from app.service.scoring import Engine, ScoringService
 from app.settings import Settings
+from app.web.deps import open_profile_creation
 from app.web.errors import install_error_handlers
 from app.web.middleware import RequestContext
 from app.web.oip.errors import OipErrors
@@ -53,7 +54,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     install_error_handlers(app, metrics)
 
     def body_limit(path: str) -> int:
-        return settings.max_profile_upload_bytes if path == "/v1/profiles" else settings.max_upload_bytes
+        """Profile creation gets its own cap only where it takes an admin key: anonymous uploads (open
+        creation) get the scoring cap."""
+        admin = path == "/v1/profiles" and not open_profile_creation(settings)
+        return settings.max_profile_upload_bytes if admin else settings.max_upload_bytes
 
     app.add_middleware(RequestContext, metrics=metrics, body_limit=body_limit)
     app.add_middleware(OipErrors)  # outermost: /v2 error bodies in the protocol's shape

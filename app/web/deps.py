@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import Depends, Request
+from pydantic import SecretStr
 
 from app.errors import Unauthorized
 from app.service.scoring import ScoringService
@@ -37,25 +39,32 @@ def bearer_token(request: Request) -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
-def key_matches(token: str, settings: Settings) -> bool:
-    """Constant-time comparison against every configured key (no early exit on a match)."""
+def key_matches(token: str, keys: Sequence[SecretStr]) -> bool:
+    """Constant-time comparison against every key in ``keys`` (no early exit on a match)."""
     given = token.encode()
     matched = False
-    for key in settings.api_keys:
+    for key in keys:
         matched |= secrets.compare_digest(given, key.get_secret_value().encode())
     return matched
 
 
-def _check_key(request: Request, settings: Settings) -> None:
+def _check_key(request: Request, settings: Settings, *, admin: bool = False) -> None:
+    """A valid key of either kind, else 401; with ``admin``, a scoring key is refused with 403."""
     token = bearer_token(request)
     if token is None:
         raise Unauthorized("missing API key (send 'Authorization: Bearer <key>')")
-    if not key_matches(token, settings):
+    is_admin = key_matches(token, settings.admin_api_keys)
+    is_client = key_matches(token, settings.api_keys)
+    if not (is_admin or is_client):
         raise Unauthorized("invalid API key")
+    if admin and not is_admin:
+        raise Unauthorized(
+            "this key may score but not administer profiles (DDM_ADMIN_API_KEYS)", forbidden=True
+        )
 
 
 async def require_client(request: Request, settings: SettingsDep) -> None:
-    """Scoring and metadata: open when no API keys are configured, otherwise a valid key."""
+    """Scoring and metadata: open when no scoring keys are configured, otherwise a scoring or admin key."""
     if settings.api_keys:
         _check_key(request, settings)
 
@@ -65,25 +74,32 @@ async def admit(service: ServiceDep) -> None:
     service.admit()
 
 
+def open_profile_creation(settings: Settings) -> bool:
+    """Anonymous profile creation: only when explicitly allowed and no keys of either kind are set."""
+    return settings.allow_open_profile_creation and not (settings.api_keys or settings.admin_api_keys)
+
+
 async def require_admin(request: Request, settings: SettingsDep) -> None:
-    """Profile creation: always a valid key; without configured keys only if explicitly opened."""
-    if settings.api_keys:
-        _check_key(request, settings)
-    elif not settings.allow_open_profile_creation:
+    """Profile creation: an admin key; without any configured keys only if explicitly opened."""
+    if open_profile_creation(settings):
+        return
+    if not (settings.api_keys or settings.admin_api_keys):
         raise Unauthorized(
-            "profile creation is disabled: configure DDM_API_KEYS (or set DDM_ALLOW_OPEN_PROFILE_CREATION)",
+            "profile creation is disabled: configure DDM_ADMIN_API_KEYS "
+            "(or set DDM_ALLOW_OPEN_PROFILE_CREATION)",
             forbidden=True,
         )
+    _check_key(request, settings, admin=True)
 
 
-async def require_key(request: Request, settings: SettingsDep) -> None:
-    """Destructive admin actions (deleting a profile): a valid key, never open."""
-    if not settings.api_keys:
-        raise Unauthorized("this action needs an API key: configure DDM_API_KEYS", forbidden=True)
-    _check_key(request, settings)
+async def require_admin_key(request: Request, settings: SettingsDep) -> None:
+    """Destructive admin actions (deleting a profile): an admin key, never open."""
+    if not settings.admin_api_keys:
+        raise Unauthorized("this action needs an admin key: configure DDM_ADMIN_API_KEYS", forbidden=True)
+    _check_key(request, settings, admin=True)
 
 
 ClientAccess = Depends(require_client)
 AdminAccess = Depends(require_admin)
-KeyAccess = Depends(require_key)
+AdminKeyAccess = Depends(require_admin_key)
 Admission = Depends(admit)

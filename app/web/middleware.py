@@ -2,7 +2,10 @@
 
 The byte cap is enforced while the body streams in: a declared ``Content-Length`` over the cap is refused
 before anything is read, and a chunked body is cut off (PayloadTooLarge, raised from ``receive``) as soon
-as it passes the cap, so no route ever holds more than the cap in memory.
+as it passes the cap, so no route ever holds more than the cap in memory. An answer sent before the body
+has been read to its end carries ``Connection: close``: the protocol (app/web/http_limits.py) then stops
+parsing that connection instead of reading the rest of the body for nothing. Every answer carries
+``X-Request-ID`` and ``X-Content-Type-Options: nosniff``.
 """
 
 from __future__ import annotations
@@ -49,11 +52,12 @@ class RequestContext:
             await self._serve(scope, receive, exchange, limit)
         except asyncio.CancelledError:
             # the server is stopping past its drain time and cancels what is left: answer in the API's
-            # error shape rather than leave it to the server's plain-text 500
+            # error shape rather than leave it to the server's plain-text 500. Nothing is left to do after
+            # that answer: the task ends here (re-raising would only log a traceback for an expected stop)
+            log.info("cancelled at shutdown: %s [request_id=%s]", scope.get("path"), exchange.request_id)
             if not exchange.started:
                 self.metrics.refuse("not_ready")
                 await exchange.error(503, "not_ready", "the service stopped before this request was answered")
-            raise
         except Exception:
             log.exception("unhandled error on %s [request_id=%s]", scope.get("path"), exchange.request_id)
             self.metrics.refuse("engine_error")
@@ -79,7 +83,7 @@ class RequestContext:
             message = f"request body of {declared} bytes is over the cap of {limit} bytes"
             await exchange.error(413, "too_large", message)
             return
-        await self.app(scope, _capped_receive(receive, limit), exchange.send)
+        await self.app(scope, _capped_receive(exchange.receive, limit), exchange.send)
 
     def _count(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")
@@ -99,13 +103,24 @@ class _Exchange:
         self.request_id = incoming if _CLIENT_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex[:16]
         self.status = 500
         self.started = False
+        has_body = self.headers.get("content-length", "0") != "0" or "transfer-encoding" in self.headers
+        self.body_read = not has_body
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.body_read = True
+        return message
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
             self.status = message["status"]
-            message.setdefault("headers", [])
-            message["headers"] = [*message["headers"], (b"x-request-id", self.request_id.encode())]
+            headers = [*message.get("headers", []), (b"x-request-id", self.request_id.encode())]
+            headers.append((b"x-content-type-options", b"nosniff"))
+            if not self.body_read:  # answered early (413, 401, ...): the rest of the body is never read
+                headers.append((b"connection", b"close"))
+            message["headers"] = headers
         await self._send(message)
 
     async def error(self, status: int, code: str, message: str) -> None:

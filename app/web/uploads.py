@@ -32,6 +32,10 @@ M = TypeVar("M", bound=BaseModel)
 V = TypeVar("V")
 
 MAX_FORM_FIELDS = 16
+# JSON bodies parsed (and their base64 decoded) at a time: parsing holds a body three times over (its
+# bytes, the parsed strings, the decoded images), so concurrent bodies wait their turn here instead
+# (docs/RELIABILITY.md#memory-per-request)
+JSON_PARSERS = 1
 _JSON = json.JSONDecoder()
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 RAW_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff")
@@ -54,14 +58,11 @@ async def read_upload(request: Request, json_model: type[M], max_images: int) ->
     if kind == "multipart/form-data":
         return await _read_multipart(request, max_images)
     if kind == "application/json":
-        body = await _read_json(request, json_model, max_images)
-        images = getattr(body, "images", [])
-        if len(images) > max_images:  # the early count gives up on bodies it cannot read; this never does
-            raise PayloadTooLarge(f"{len(images)} images in one request; at most {max_images}")
-        decoded = await asyncio.to_thread(_decode_images, images)
-        # the base64 text (a third more than the images) is not needed past here: the request holds only
-        # the decoded bytes while it waits for the model (docs/RELIABILITY.md#memory-per-request)
-        return Upload(decoded, body=body.model_copy(update={"images": []}))
+        raw = bytearray()  # grown in place: no list of chunks beside the joined copy
+        async for chunk in request.stream():
+            raw += chunk
+        async with parse_slot(request):
+            return await asyncio.to_thread(_parse_json_upload, json_model, raw, max_images)
     if kind in RAW_IMAGE_TYPES:
         data = b"".join([chunk async for chunk in request.stream()])
         return Upload([("0", data)])
@@ -111,19 +112,31 @@ async def _read_multipart(request: Request, max_images: int) -> Upload:
         await form.close()
 
 
-async def _read_json(request: Request, model: type[M], max_images: int) -> M:
-    body = bytearray()  # grown in place: no list of chunks beside the joined copy
-    async for chunk in request.stream():
-        body += chunk
-    return await asyncio.to_thread(_validate_json, model, body, max_images)
+def parse_slot(request: Request) -> asyncio.Semaphore:
+    """The app's bound on JSON bodies parsed at a time (JSON_PARSERS)."""
+    state = request.app.state
+    if getattr(state, "json_parsers", None) is None:
+        state.json_parsers = asyncio.Semaphore(JSON_PARSERS)
+    slot: asyncio.Semaphore = state.json_parsers
+    return slot
 
 
-def _validate_json(model: type[M], body: bytes | bytearray, max_images: int) -> M:
-    count_json_images(body, max_images)
+def _parse_json_upload(model: type[M], raw: bytearray, max_images: int) -> Upload:
+    """Validate, then decode the base64 images. Each form is dropped once the next exists: the body is
+    emptied once parsed, the base64 text (a third more than the images) once decoded, so a request holds
+    only the decoded bytes while it waits for the model (docs/RELIABILITY.md#memory-per-request)."""
+    count_json_images(raw, max_images)
     try:
-        return model.model_validate_json(body)
+        body = model.model_validate_json(raw)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+    finally:
+        raw.clear()
+    images = getattr(body, "images", [])
+    if len(images) > max_images:  # the early count gives up on bodies it cannot read; this never does
+        raise PayloadTooLarge(f"{len(images)} images in one request; at most {max_images}")
+    body = body.model_copy(update={"images": []})
+    return Upload(_decode_images(images), body=body)
 
 
 def count_json_images(body: bytes | bytearray, max_images: int) -> None:
@@ -159,8 +172,32 @@ def count_json_images(body: bytes | bytearray, max_images: int) -> None:
             if text[i : i + 1] != ",":
                 return
             i = ws.match(text, i + 1).end()  # type: ignore[union-attr]
-    except (json.JSONDecodeError, _Malformed, RecursionError):
-        return  # malformed or nested too deep for the stdlib: the validator says what is wrong
+    except PayloadTooLarge:
+        raise
+    except (ValueError, _Malformed, RecursionError):
+        # malformed (JSONDecodeError), an integer over Python's digit limit, or nested too deep for the
+        # stdlib: the validator says what is wrong
+        return
+
+
+# A JSON string (skipped whole, in C) or a token that adds a value: ',' separates values, '[' and '{' open
+# containers. Counting them bounds how many Python objects parsing the document can create.
+_JSON_VALUE_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[,\[{]')
+
+
+def bound_json_values(body: bytes | bytearray, max_values: int) -> None:
+    """Raise PayloadTooLarge when a JSON document holds more than about ``max_values`` values.
+
+    For documents whose every list and object is small but one, which a parser would build whole before
+    a schema could refuse it (1.7 M ``parameters`` keys in a 20 MiB body: +318 MiB per request). The scan
+    stops at the first value over the bound; strings, however long, are one value each.
+    """
+    count = 0
+    for match in _JSON_VALUE_TOKENS.finditer(body):
+        if match.end() - match.start() == 1:
+            count += 1
+            if count > max_values:
+                raise PayloadTooLarge(f"the JSON request holds more than {max_values} values")
 
 
 class _Malformed(Exception):

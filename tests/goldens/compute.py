@@ -45,6 +45,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "t_max_fraction=0.5,steps=6": {"t_max_fraction": 0.5, "steps": 6},
     # the default before per-step-centre: what profiles fitted then still compute
     "aggregation=per-step": {"aggregation": "per-step"},
+    # METHOD.md's six sums: the only aggregation with odd powers of the Stein error, where its sign shows
+    "aggregation=sum": {"aggregation": "sum"},
 }
 VARIANT_RUNTIME = "onnxruntime"
 

@@ -38,6 +38,7 @@ class ProfileStore:
         self.options = options
         self._cache: dict[str, tuple[float, Profile]] = {}
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # the limit check and the write are one step
 
     def path(self, name: str) -> Path:
         return self.directory / f"{validate_profile_name(name)}.json"
@@ -87,14 +88,23 @@ class ProfileStore:
         if self.path(name).exists() and not overwrite:
             raise ProfileConflict(f"profile {name!r} exists already (set overwrite to replace it)")
 
+    def check_room(self, name: str, reserved: int = 0) -> bool:
+        """Whether saving ``name`` adds a file; PayloadTooLarge when it would pass ``MAX_PROFILES`` with
+        ``reserved`` more files on their way."""
+        if self.path(name).exists():
+            return False
+        if len(self.names()) + reserved >= MAX_PROFILES:
+            raise PayloadTooLarge(f"at most {MAX_PROFILES} profiles per model")
+        return True
+
     def save(self, profile: Profile, overwrite: bool = False) -> Path:
         path = self.path(profile.name)
         if profile.model_id != self.model_id or served_key(profile.options) != served_key(self.options):
             raise ProfileMismatch("profile was fitted for another model or other method options")
-        self.check_new(profile.name, overwrite)
-        if not path.exists() and len(self.names()) >= MAX_PROFILES:
-            raise PayloadTooLarge(f"at most {MAX_PROFILES} profiles per model")
-        profile.save(path)
+        with self._write_lock:
+            self.check_new(profile.name, overwrite)
+            self.check_room(profile.name)
+            profile.save(path)
         with self._lock:
             self._cache.pop(profile.name, None)
         return path

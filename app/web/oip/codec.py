@@ -27,14 +27,30 @@ from app.web.oip.wire import (
     Parameter,
     ResponseOutput,
 )
-from app.web.uploads import decode_base64
+from app.web.uploads import bound_json_values, decode_base64
+
+# JSON values a request may hold besides its images' (a few per image: the string and its separator): the
+# tensor descriptions, outputs and parameters of any real request fit many times over.
+JSON_VALUES_BASE = 256
+FLAGS = ("explain", "binary_data_output")  # request parameters that must be JSON booleans
 
 
 # --- request parsing --------------------------------------------------------------------------------------
-def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
-    """The JSON request and the binary part after it (empty without the binary tensor extension)."""
+def parse_request(
+    body: bytearray, header_length: str | None, max_images: int
+) -> tuple[InferRequest, bytearray]:
+    """The JSON request and the binary part after it (empty without the binary tensor extension). The
+    JSON is bounded before it is parsed (``bound_json_values``), as /v1 counts its images first; ``body``
+    is emptied once parsed (the request holds only what it still needs)."""
+    try:
+        return _parse(body, header_length, max_images)
+    finally:
+        body.clear()
+
+
+def _parse(body: bytearray, header_length: str | None, max_images: int) -> tuple[InferRequest, bytearray]:
     if header_length is None:
-        json_part, binary = body, b""
+        json_part, binary = body, bytearray()
     else:
         try:
             length = int(header_length)
@@ -44,14 +60,29 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
             raise InvalidInput(
                 f"Inference-Header-Content-Length {length} does not fit the {len(body)}-byte body"
             )
-        json_part, binary = body[:length], body[length:]
+        with memoryview(body) as view:  # one copy of the binary part, none of the whole body
+            json_part, binary = bytearray(view[:length]), bytearray(view[length:])
+    bound_json_values(json_part, JSON_VALUES_BASE + 4 * max_images)
     try:
         return InferRequest.model_validate_json(json_part), binary
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
 
 
+def check_flags(req: InferRequest, params: dict[str, Parameter]) -> None:
+    """Boolean parameters must be JSON booleans: ``"false"`` is truthy and would silently mean true."""
+    flags = [(f"parameter {name!r}", params.get(name)) for name in FLAGS]
+    for out in req.outputs or []:
+        flags.append(
+            (f"output {out.name!r} parameter 'binary_data'", (out.parameters or {}).get("binary_data"))
+        )
+    for where, value in flags:
+        if value is not None and not isinstance(value, bool):
+            raise InvalidInput(f"{where} must be true or false (a JSON boolean), not {value!r}"[:200])
+
+
 def wanted_outputs(req: InferRequest, params: dict[str, Parameter]) -> list[str]:
+    check_flags(req, params)
     known = [*OUTPUTS, HEATMAP]
     if not req.outputs:
         return [*OUTPUTS, HEATMAP] if params.get("explain") is True else list(OUTPUTS)
@@ -64,7 +95,20 @@ def wanted_outputs(req: InferRequest, params: dict[str, Parameter]) -> list[str]
     return names
 
 
-def request_images(req: InferRequest, binary: bytes, max_images: int) -> list[tuple[str, bytes]]:
+def read_infer(
+    body: bytearray, header_length: str | None, max_images: int
+) -> tuple[InferRequest, list[str], list[tuple[str, bytes]]]:
+    """The request, the outputs it wants and its images, in one step: the body is emptied once parsed and
+    the base64 text dropped once decoded, so only the decoded bytes are kept while the request waits for
+    the model (docs/RELIABILITY.md#memory-per-request)."""
+    req, binary = parse_request(body, header_length, max_images)
+    wanted = wanted_outputs(req, req.parameters or {})
+    images = request_images(req, binary, max_images)
+    req.inputs[0].data = None
+    return req, wanted, images
+
+
+def request_images(req: InferRequest, binary: bytearray, max_images: int) -> list[tuple[str, bytes]]:
     if len(req.inputs) != 1 or req.inputs[0].name != INPUT_NAME:
         raise InvalidInput(f"expected one input named {INPUT_NAME!r} (BYTES, shape [N]: encoded images)")
     tensor = req.inputs[0]
@@ -121,7 +165,7 @@ def _flatten(data: list[Any], count: int) -> list[str]:
     return flat
 
 
-def _split_bytes(raw: bytes, count: int) -> list[bytes]:
+def _split_bytes(raw: bytearray, count: int) -> list[bytes]:
     """The binary tensor extension's BYTES layout: per element a 4-byte little-endian length, then bytes."""
     out, offset = [], 0
     for _ in range(count):
@@ -131,7 +175,8 @@ def _split_bytes(raw: bytes, count: int) -> list[bytes]:
         offset += 4
         if offset + n > len(raw):
             raise InvalidInput("a binary BYTES element runs past the end of the body")
-        out.append(raw[offset : offset + n])
+        with memoryview(raw) as view:
+            out.append(bytes(view[offset : offset + n]))
         offset += n
     if offset != len(raw):
         raise InvalidInput("binary BYTES data is longer than its shape")

@@ -22,6 +22,7 @@ OUTPUTS: dict[str, str] = {
 }
 HEATMAP = "heatmap"
 Parameter = str | int | float | bool
+MAX_PARAMETERS = 32  # entries of one parameters object (the service reads four)
 
 
 class MetadataTensor(BaseModel):
@@ -51,28 +52,31 @@ class ModelReady(BaseModel):
     ready: bool
 
 
+# Requests are validated strictly: JSON types as the protocol states them ("shape": ["1"] or
+# "binary_data": "false" are refused, never coerced).
 class RequestInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(max_length=200)
     shape: list[int] = Field(max_length=8)
     datatype: str = Field(max_length=16)
-    parameters: dict[str, Parameter] | None = None
+    parameters: dict[str, Parameter] | None = Field(None, max_length=MAX_PARAMETERS)
     data: list[Any] | None = Field(
         None, description="BYTES elements as base64 strings (row-major; nested lists are flattened)"
     )
 
 
 class RequestOutput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(max_length=200)
-    parameters: dict[str, Parameter] | None = None
+    parameters: dict[str, Parameter] | None = Field(None, max_length=MAX_PARAMETERS)
 
 
 class InferRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -87,7 +91,7 @@ class InferRequest(BaseModel):
     )
 
     id: str | None = Field(None, max_length=200)
-    parameters: dict[str, Parameter] | None = None
+    parameters: dict[str, Parameter] | None = Field(None, max_length=MAX_PARAMETERS)
     inputs: list[RequestInput] = Field(min_length=1, max_length=4)
     outputs: list[RequestOutput] | None = Field(None, max_length=len(OUTPUTS) + 1)
 

@@ -25,8 +25,8 @@ UI_STATIC = "/static/ui"
 
 router = APIRouter(include_in_schema=False)
 
-# Inline scripts and styles: FastAPI's Swagger UI page starts the bundle from an inline script, both
-# bundles inject styles. ReDoc runs its search in a worker made from a blob: URL.
+# /docs and /redoc need inline scripts and styles: FastAPI's Swagger UI page starts the bundle from an
+# inline script, both bundles inject styles. ReDoc runs its search in a worker made from a blob: URL.
 CSP = "; ".join(
     (
         "default-src 'self'",
@@ -36,6 +36,23 @@ CSP = "; ".join(
         "font-src 'self' data:",
         "connect-src 'self'",
         "worker-src 'self' blob:",
+        "frame-ancestors 'self'",
+        "base-uri 'self'",
+        "form-action 'self'",
+    )
+)
+
+
+# The inspection page has no inline script or style (it sets styles through the CSSOM, which a policy
+# without 'unsafe-inline' allows): the strict policy, which blocks any injected script or style.
+UI_CSP = "; ".join(
+    (
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data: blob:",
+        "connect-src 'self'",
+        "object-src 'none'",
         "frame-ancestors 'self'",
         "base-uri 'self'",
         "form-action 'self'",
@@ -88,7 +105,7 @@ async def redoc(request: Request) -> HTMLResponse:
 @router.get("/ui")
 async def inspection_page() -> FileResponse:
     """Choose a profile, drop images, see each verdict with its heat map (calls /v1/models, /v1/score)."""
-    headers = {"Cache-Control": "no-cache", "Content-Security-Policy": CSP}
+    headers = {"Cache-Control": "no-cache", "Content-Security-Policy": UI_CSP}
     return FileResponse(UI_DIR / "index.html", media_type="text/html", headers=headers)
 
 

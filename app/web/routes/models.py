@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from app.engine.calibration.thresholds import DEFAULT_FPRS, MAX_FPRS
-from app.errors import InvalidInput, Unauthorized
-from app.web.deps import AdminAccess, Admission, ClientAccess, KeyAccess, ServiceDep, SettingsDep
+from app.errors import InvalidInput, Overloaded, Unauthorized
+from app.service.scoring import ScoringService
+from app.settings import Settings
+from app.web.deps import (
+    AdminAccess,
+    AdminKeyAccess,
+    Admission,
+    ClientAccess,
+    ServiceDep,
+    SettingsDep,
+    open_profile_creation,
+)
 from app.web.errors import error_responses
 from app.web.openapi import request_body
 from app.web.schemas import (
@@ -22,7 +35,7 @@ from app.web.schemas import (
     ProfileRequest,
     ProfileSummary,
 )
-from app.web.uploads import form_flag, read_upload, until_disconnected
+from app.web.uploads import form_flag, read_upload, read_upload_by, until_disconnected
 
 router = APIRouter(tags=["models"])
 
@@ -98,8 +111,35 @@ async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
 async def create_profile(request: Request, service: ServiceDep, settings: SettingsDep) -> ProfileSummary:
     """Fit a calibration profile for a new domain from 10 or more of its normal images. The images go
     through the same queue as scoring; the profile is saved under the model's profiles folder and is usable
-    by the next request. Needs an API key (or DDM_ALLOW_OPEN_PROFILE_CREATION when no keys are set)."""
-    upload = await read_upload(request, ProfileRequest, settings.max_profile_images)
+    by the next request. Needs an admin key (DDM_ADMIN_API_KEYS; scoring keys get 403), or
+    DDM_ALLOW_OPEN_PROFILE_CREATION when no keys are set: such anonymous uploads get the scoring body cap
+    and must arrive within the request deadline. At most DDM_PROFILE_CREATIONS at a time (503 beyond)."""
+    async with _creation_slot(request, settings):
+        return await _create_profile(request, service, settings)
+
+
+@asynccontextmanager
+async def _creation_slot(request: Request, settings: Settings) -> AsyncIterator[None]:
+    """Refuse, before its body is read, a creation beyond DDM_PROFILE_CREATIONS: each holds its whole
+    upload in memory until its profile is fitted."""
+    state = request.app.state
+    running = getattr(state, "profile_creations", 0)
+    if running >= settings.profile_creations:
+        raise Overloaded("another profile is being created; try again later", retry_after_s=5.0)
+    state.profile_creations = running + 1
+    try:
+        yield
+    finally:
+        state.profile_creations -= 1
+
+
+async def _create_profile(request: Request, service: ScoringService, settings: Settings) -> ProfileSummary:
+    if open_profile_creation(settings):
+        received = request.scope["state"].get("received_at", time.monotonic())
+        deadline = received + settings.request_timeout_s
+        upload = await read_upload_by(request, ProfileRequest, settings.max_profile_images, deadline)
+    else:
+        upload = await read_upload(request, ProfileRequest, settings.max_profile_images)
     if isinstance(upload.body, ProfileRequest):
         body = upload.body
         options: dict[str, Any] = {
@@ -112,8 +152,8 @@ async def create_profile(request: Request, service: ServiceDep, settings: Settin
         name = body.name
     else:
         name, options = _form_options(upload.fields)
-    if options["overwrite"] and not settings.api_keys:
-        raise Unauthorized("overwriting a profile needs an API key (configure DDM_API_KEYS)", forbidden=True)
+    if options["overwrite"] and not settings.admin_api_keys:
+        raise Unauthorized("overwriting a profile needs an admin key (DDM_ADMIN_API_KEYS)", forbidden=True)
     profile = await until_disconnected(request, service.create_profile(name, upload.images, **options))
     return ProfileSummary.model_validate(profile.summary())
 
@@ -121,7 +161,7 @@ async def create_profile(request: Request, service: ServiceDep, settings: Settin
 @router.delete(
     "/v1/profiles/{name}",
     status_code=204,
-    dependencies=[KeyAccess],
+    dependencies=[AdminKeyAccess],
     responses=error_responses(401, 403, 404, 409, 422, 503),
     summary="Delete a calibration profile (admin)",
 )
@@ -129,7 +169,7 @@ async def delete_profile(
     name: Annotated[str, Path(min_length=1, max_length=PROFILE_NAME_MAX, pattern=PROFILE_NAME_PATTERN)],
     service: ServiceDep,
 ) -> Response:
-    """Remove a profile from the model's profiles folder; always needs an API key. The service's default
+    """Remove a profile from the model's profiles folder; always needs an admin key. The service's default
     profile cannot be deleted (409)."""
     await service.delete_profile(name)
     return Response(status_code=204)

@@ -28,7 +28,7 @@ from app.errors import DeadlineExceeded, InvalidInput, ModelNotFound
 from app.service.scoring import ScoringService
 from app.settings import Settings
 from app.web.deps import Admission, ClientAccess, ServiceDep, SettingsDep
-from app.web.oip.codec import encode_response, parse_request, request_images, wanted_outputs
+from app.web.oip.codec import encode_response, read_infer
 from app.web.oip.errors import oip_errors
 from app.web.oip.wire import (
     EXTENSIONS,
@@ -46,7 +46,7 @@ from app.web.oip.wire import (
     ServerMetadata,
 )
 from app.web.openapi import inline_schema
-from app.web.uploads import until_disconnected
+from app.web.uploads import parse_slot, until_disconnected
 
 router = APIRouter(tags=["open inference protocol v2"])
 
@@ -176,14 +176,15 @@ async def infer(
     deadline = received + settings.request_timeout_s
     body = await _read_body(request, deadline)
     header_length = request.headers.get(HEADER_LENGTH)
-    infer_request, binary = await asyncio.to_thread(parse_request, body, header_length)
+    async with parse_slot(request):
+        infer_request, wanted, images = await asyncio.to_thread(
+            read_infer, body, header_length, settings.max_images_per_request
+        )
     params = infer_request.parameters or {}
     profile = params.get("profile")
     if profile is not None and not isinstance(profile, str):
         raise InvalidInput("parameter 'profile' must be a string")
     deadline = _requested_deadline(params, received, deadline, settings)
-    wanted = wanted_outputs(infer_request, params)
-    images = request_images(infer_request, binary, settings.max_images_per_request)
     outcome = await until_disconnected(
         request, service.score(images, profile=profile, explain=HEATMAP in wanted, deadline=deadline)
     )
@@ -205,9 +206,12 @@ def _requested_deadline(
     return min(deadline, received + timeout_us / 1e6)
 
 
-async def _read_body(request: Request, deadline: float) -> bytes:
-    async def read() -> bytes:
-        return b"".join([chunk async for chunk in request.stream()])
+async def _read_body(request: Request, deadline: float) -> bytearray:
+    async def read() -> bytearray:
+        body = bytearray()  # grown in place: no list of chunks beside the joined copy
+        async for chunk in request.stream():
+            body += chunk
+        return body
 
     try:
         return await asyncio.wait_for(read(), max(0.0, deadline - time.monotonic()))
