@@ -146,9 +146,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "per-step-no-log",
-        "app/engine/methods/path_sums.py",
-        ".clamp_min(ENERGY_FLOOR).log()",
-        ".clamp_min(ENERGY_FLOOR)",
+        "app/engine/methods/aggregations.py",
+        "return energies.clamp_min(ENERGY_FLOOR).log()",
+        "return energies.clamp_min(ENERGY_FLOOR)",
         (GOLDENS,),
         "per-step features are raw energies instead of their logs",
     ),

@@ -69,15 +69,17 @@ def test_the_embedding_comes_from_the_same_pass_on_both_runtimes(
     np.testing.assert_allclose(features[:, 38:166], torch_e[:, 2], rtol=1e-6)  # step 0.2 K = 2
 
 
-def test_choice_takes_the_embedding_expert_for_textures_and_records_why(scorers: dict[str, Scorer]) -> None:
+def test_choice_on_few_textures_keeps_the_energies_and_records_why(scorers: dict[str, Scorer]) -> None:
+    """30 textures do not support a density over 256 embedding values (its gap is over the limit): the
+    energies are taken. (120 textures take the embedding expert: tests/test_zero_shot_live.py.)"""
     scorer = scorers["onnxruntime"]
     stats = scorer.run([scorer.decode(p.read_bytes()) for p in require_data("dtd", 30)])
     choice = choose_options(MethodOptions(), stats)
-    assert choice.options.aggregation == "per-step-centre+embedding"
+    assert choice.options.aggregation == "per-step-centre"
     assert choice.options.walk_key() == MethodOptions().walk_key()
-    gap = choice.gaps["per-step-centre+embedding"]
-    assert gap is not None and 0 <= gap <= MAX_GAP
-    assert "per-step-centre" not in choice.gaps  # not tried: the richer candidate was taken
+    richer, taken = choice.gaps["per-step-centre+embedding"], choice.gaps["per-step-centre"]
+    assert richer is not None and richer > MAX_GAP
+    assert taken is not None and taken <= MAX_GAP
 
 
 def test_choice_falls_back_when_the_richer_density_does_not_generalise(

@@ -36,7 +36,7 @@ def server(
     shutil.copy(SHIPPED_MODEL / "profiles" / "default.json", profiles / "default.json")
     # a wide batching window: two requests sent together share a batch on any host
     return live_server_module(
-        {"DDM_API_KEYS": KEY, "DDM_PROFILES_DIR": str(profiles), "DDM_MAX_BATCH_DELAY_MS": "1500"}
+        {"DDM_ADMIN_API_KEYS": KEY, "DDM_PROFILES_DIR": str(profiles), "DDM_MAX_BATCH_DELAY_MS": "1500"}
     )
 
 
