@@ -96,7 +96,7 @@ def test_choice_falls_back_when_the_richer_density_does_not_generalise(
 
     monkeypatch.setitem(aggregations.AGGREGATIONS, "noise-test", noise)
     overfit = MethodOptions(aggregation="noise-test")  # type: ignore[arg-type]
-    assert generalisation_gap(overfit, features_under(overfit, stats)) > MAX_GAP
+    assert generalisation_gap(overfit, features_under(overfit, stats))[0] > MAX_GAP
     choice = choose_options(MethodOptions(), stats, candidates=("noise-test", "per-step-centre"))
     assert choice.options.aggregation == "per-step-centre"
     assert choice.gaps["noise-test"] > MAX_GAP  # type: ignore[operator]

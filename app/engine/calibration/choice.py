@@ -39,19 +39,22 @@ class Choice:
     options: MethodOptions
     criterion: str = "generalisation gap (median cross-fitted - median in-sample score, in IQRs) <= 1.0"
     gaps: dict[str, float | None] = field(default_factory=dict)
+    # the chosen candidate's cross-fitted scores: the profile's calibration scores, not computed twice
+    held_out: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"aggregation": self.options.aggregation, "criterion": self.criterion, "gaps": self.gaps}
 
 
-def generalisation_gap(options: MethodOptions, features: np.ndarray) -> float:
-    """Median cross-fitted score minus median in-sample score, in IQRs of the cross-fitted scores."""
+def generalisation_gap(options: MethodOptions, features: np.ndarray) -> tuple[float, np.ndarray]:
+    """Median cross-fitted score minus median in-sample score, in IQRs of the cross-fitted scores; and the
+    (sorted) cross-fitted scores."""
     density_cls = density_for(options)
     kwargs = density_kwargs_for(options, features)
     held_out = cross_fitted_scores(features, density_cls, kwargs)
     in_sample = -density_cls.fit(features, **kwargs).log_density(features)  # type: ignore[arg-type]
     q25, q75 = np.percentile(held_out, [25, 75])
-    return float((np.median(held_out) - np.median(in_sample)) / max(q75 - q25, 1e-12))
+    return float((np.median(held_out) - np.median(in_sample)) / max(q75 - q25, 1e-12)), held_out
 
 
 def choose_options(
@@ -64,6 +67,7 @@ def choose_options(
         return Choice(walk, criterion="the method's own features (nothing else is measured)")
     gaps: dict[str, float | None] = {}
     chosen: MethodOptions | None = None
+    held_out = None
     for name in candidates:
         if chosen is not None:
             break
@@ -73,12 +77,13 @@ def choose_options(
         except ValueError:  # e.g. a network without an embedding block
             gaps[name] = None
             continue
-        gap = gaps[name] = generalisation_gap(options, features)
+        gap, scores = generalisation_gap(options, features)
+        gaps[name] = gap
         if gap <= MAX_GAP:
-            chosen = options
+            chosen, held_out = options, scores
     if chosen is None:
         chosen = walk.with_profile_options(aggregation=candidates[-1])
-    return Choice(chosen, gaps=gaps)
+    return Choice(chosen, gaps=gaps, held_out=held_out)
 
 
 def resolve_options(
@@ -113,5 +118,6 @@ def calibrate_profile(
         options=options,
         heatmaps=np.stack([s.heatmap for s in stats]),
         selection=None if choice is None else choice.to_dict(),
+        calibration_scores=None if choice is None else choice.held_out,
         **fit_options,
     )

@@ -42,6 +42,7 @@ def fit_profile(
     source: str = "",
     heatmaps: np.ndarray | None = None,
     selection: dict[str, Any] | None = None,
+    calibration_scores: np.ndarray | None = None,
 ) -> Profile:
     """Fit the method's density on normal-image features (N, D).
 
@@ -49,6 +50,8 @@ def fit_profile(
     it, so the stated false-positive rates hold on new normal images instead of being optimistic. The
     density kept in the profile is then fitted on all N. ``heatmaps`` (N, H, W), the same images' raw
     heat maps, give the profile its per-pixel heat-map statistics (calibration/heatmap.py).
+    ``calibration_scores``: the cross-fitted scores when the caller has them already (calibration/choice.py
+    computes them to choose the features).
     """
     features = np.asarray(features, dtype=float)
     if features.ndim != 2 or len(features) < MIN_REFERENCE_IMAGES:
@@ -58,7 +61,9 @@ def fit_profile(
     fprs = validate_fprs(fprs, default_fpr)
     density_cls = density_for(options)
     density_kwargs = density_kwargs_for(options, features)
-    scores = cross_fitted_scores(features, density_cls, density_kwargs, folds)
+    if calibration_scores is None or len(calibration_scores) != len(features):
+        calibration_scores = cross_fitted_scores(features, density_cls, density_kwargs, folds)
+    scores = np.sort(calibration_scores)
     return Profile(
         name=name,
         model_id=model_id,
