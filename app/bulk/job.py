@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 # still leave room to decode for them; the tasks are short (one 64x64 PNG: 0.5-0.9 ms).
 DECODE_CPUS = 0.25
 # Paths per decode task: blocks of about this many bytes of prepared pixels (bounded below by one model
-# batch, above by 1,024 paths), so a 256x256 model's blocks stay as small as a 32x32 model's.
+# batch, above by 1,024 paths and by a quarter of an actor's share), so a 256x256 model's blocks stay as
+# small as a 32x32 model's. A block goes to one actor whole: the blocks are the unit of load balancing.
 DECODE_BLOCK_BYTES = 8 * 1024 * 1024
 
 
@@ -113,9 +114,9 @@ def _run(
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()
     actors = options.concurrency or default_concurrency(options.num_gpus_per_actor, options.cpus_per_actor)
-    per_block = max(
-        options.batch_size, min(1024, DECODE_BLOCK_BYTES // max(1, 4 * spec.channels * spec.size**2))
-    )
+    pixels = DECODE_BLOCK_BYTES // max(1, 4 * spec.channels * spec.size**2)
+    spread = -(-todo.num_rows // (4 * actors))  # a small data set still gives every actor a few blocks
+    per_block = max(options.batch_size, min(1024, pixels, spread))
     blocks = [todo.slice(start, per_block) for start in range(0, todo.num_rows, per_block)]
     decoded = ray.data.from_arrow(blocks).map_batches(
         partial(decode_batch, spec=spec), batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS

@@ -69,7 +69,7 @@ class ResultFolder:
                 raise InvalidInput(
                     f"{self.path} holds rows of {column} {sorted(found)}; this run scores with {expected!r}"
                 )
-        return pc.unique(done.column("path")).combine_chunks()
+        return pc.unique(done.column("path"))
 
     def write(self, table: pa.Table) -> Path:
         """Add one part atomically: written under a hidden name, flushed to disk, then renamed."""

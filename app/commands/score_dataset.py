@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from app.commands.common import add_engine_args, settings_from_args
+from app.errors import DDMError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         address=args.address,
     )
-    summary = score_dataset(args.input, args.out, settings_from_args(args), options)
+    try:
+        summary = score_dataset(args.input, args.out, settings_from_args(args), options)
+    except DDMError as exc:  # a bad INPUT, OUT, profile or model: said before any image is scored
+        log.error("score-dataset: %s", exc)
+        return 2
     print(json.dumps(dataclasses.asdict(summary)))
     return 0
