@@ -20,17 +20,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from app.bulk.decode import InputSpec, decode_batch
 from app.bulk.inputs import list_inputs
 from app.bulk.output import ResultFolder
-from app.bulk.stages import BatchScorer, InputSpec, decode_batch, driver_check
+from app.bulk.stages import BatchScorer, driver_check
 from app.errors import InvalidInput
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # A decode task holds a quarter of a CPU in Ray's accounting, so that actors asking for most of a node's CPUs
-# still leave room to decode for them; the tasks are short (one 64x64 PNG: 0.5-0.9 ms).
+# still leave room to decode for them; at most one runs per CPU the actors leave (``decoders``): each is a
+# worker process of its own (the decoder's imports: ~2 s of CPU once), and one 64x64 PNG takes 0.5-0.9 ms.
 DECODE_CPUS = 0.25
+ACTOR_START_S = 900  # start and model load of the whole actor pool (a cold node: imports, weights, export)
 # Paths per decode task: blocks of about this many bytes of prepared pixels (bounded below by one model
 # batch, above by 1,024 paths and by a quarter of an actor's share), so a 256x256 model's blocks stay as
 # small as a 32x32 model's. A block goes to one actor whole: the blocks are the unit of load balancing.
@@ -111,26 +114,10 @@ def _run(
     folder: ResultFolder,
     summary: BulkSummary,
 ) -> None:
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = sys.stderr.isatty()
-    actors = options.concurrency or default_concurrency(options.num_gpus_per_actor, options.cpus_per_actor)
-    pixels = DECODE_BLOCK_BYTES // max(1, 4 * spec.channels * spec.size**2)
-    spread = -(-todo.num_rows // (4 * actors))  # a small data set still gives every actor a few blocks
-    per_block = max(options.batch_size, min(1024, pixels, spread))
-    blocks = [todo.slice(start, per_block) for start in range(0, todo.num_rows, per_block)]
-    decoded = ray.data.from_arrow(blocks).map_batches(
-        partial(decode_batch, spec=spec), batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS
+    summary.actors = options.concurrency or default_concurrency(
+        options.num_gpus_per_actor, options.cpus_per_actor
     )
-    dataset = decoded.map_batches(
-        BatchScorer,
-        fn_constructor_args=(settings, profile_doc),
-        batch_size=options.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=options.cpus_per_actor,
-        num_gpus=options.num_gpus_per_actor,
-    )
-    summary.actors = actors
+    dataset = pipeline(todo, spec, profile_doc, settings, options, summary.actors)
     nodes: set[str] = set()
     for batch in dataset.iter_batches(batch_size=options.part_rows, batch_format="pyarrow"):
         part = cast(pa.Table, batch)
@@ -140,6 +127,46 @@ def _run(
         nodes.update(pc.unique(part.column("node")).to_pylist())
     summary.parts = folder.parts_written
     summary.nodes = sorted(nodes)
+
+
+def pipeline(
+    todo: pa.Table,
+    spec: InputSpec,
+    profile_doc: dict[str, Any],
+    settings: Settings,
+    options: BulkOptions,
+    actors: int,
+) -> ray.data.Dataset:
+    """paths -> decode tasks -> the scoring actor pool -> result rows (lazy: runs as the rows are read)."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()
+    # Rows flow once every actor has loaded its model: the first one ready would otherwise take the early
+    # blocks alone; and a pool the cluster cannot place fails after this long instead of waiting forever.
+    context.wait_for_min_actors_s = ACTOR_START_S
+    pixels = DECODE_BLOCK_BYTES // max(1, 4 * spec.channels * spec.size**2)
+    spread = -(-todo.num_rows // (4 * actors))  # a small data set still gives every actor a few blocks
+    per_block = max(options.batch_size, min(1024, pixels, spread))
+    blocks = [todo.slice(start, per_block) for start in range(0, todo.num_rows, per_block)]
+    spare = ray.cluster_resources().get("CPU", 1.0) - actors * options.cpus_per_actor
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0)
+    decoded = ray.data.from_arrow(blocks).map_batches(
+        partial(decode_batch, spec=spec),
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=DECODE_CPUS,
+        concurrency=max(nodes, int(spare)),  # at least one per node: every node's actors have local blocks
+    )
+    return decoded.map_batches(
+        BatchScorer,
+        fn_constructor_args=(settings, profile_doc),
+        batch_size=options.batch_size,
+        batch_format="numpy",
+        # two blocks per actor: one scored, one prefetched; more would let the actor beside the decoder that
+        # made them (Ray prefers local blocks) hoard the work while another idles
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+        num_cpus=options.cpus_per_actor,
+        num_gpus=options.num_gpus_per_actor,
+    )
 
 
 def default_concurrency(num_gpus_per_actor: float, cpus_per_actor: float) -> int:

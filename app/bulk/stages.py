@@ -1,13 +1,11 @@
-"""The two stages of a bulk job, as Ray Data runs them: ``decode_batch`` (a CPU task: file bytes -> the
-model's input, exactly as the service decodes an upload) and ``BatchScorer`` (a callable class: one per
-actor, the model loaded once, batches of prepared images -> result rows). The engine, the profile and the
-verdicts are the service's own (app/engine); nothing here re-implements them."""
+"""The scoring stage of a bulk job, as Ray Data runs it: ``BatchScorer`` (a callable class: one per actor,
+the model loaded once, batches of prepared images -> result rows), and the driver's check before it. The
+engine, the profile and the verdicts are the service's own (app/engine); nothing here re-implements them.
+The decode stage is decode.py."""
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,63 +13,14 @@ import pyarrow as pa
 import torch
 
 from app.bootstrap import apply_thread_policy, engine_from_settings
+from app.bulk.decode import InputSpec
 from app.bulk.output import SCHEMA
 from app.engine.calibration.profile import Profile
 from app.engine.calibration.store import ProfileStore
-from app.engine.model.sidecar import InputTransform
-from app.engine.preprocessing import DecodeLimits, PreparedImage, decode_image, prepare
-from app.engine.scorer import Scorer
+from app.engine.preprocessing import PreparedImage
 from app.engine.types import Verdict
-from app.errors import InvalidInput, ProfileMismatch
+from app.errors import ProfileMismatch
 from app.settings import Settings
-
-DIGEST_BYTES = 32  # PreparedImage.digest: sha256 of the prepared pixels, seeds the image's noise
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What ``Scorer.decode`` applies to an upload, as plain data a decode task can carry: the service's
-    caps (file size, pixels, formats) and the model's input transform and resolution."""
-
-    size: int
-    channels: int
-    transform: InputTransform
-    limits: DecodeLimits
-    max_bytes: int
-
-    @classmethod
-    def of(cls, scorer: Scorer, settings: Settings) -> InputSpec:
-        info = scorer.info
-        return cls(info.sample_size, info.in_channels, scorer.input_transform, scorer.limits,
-                   settings.max_upload_bytes)  # fmt: skip
-
-    def read(self, path: str) -> PreparedImage:
-        """One file -> the model's input; raises InvalidInput (and subclasses) or OSError."""
-        size = os.stat(path).st_size
-        if size > self.max_bytes:
-            raise InvalidInput(
-                f"file is {size} bytes, over the cap of {self.max_bytes} (DDM_MAX_UPLOAD_BYTES)"
-            )
-        with open(path, "rb") as fh:
-            data = fh.read()
-        return prepare(decode_image(data, self.limits), self.size, self.channels, self.transform)
-
-
-def decode_batch(batch: dict[str, np.ndarray], spec: InputSpec) -> dict[str, np.ndarray]:
-    """Paths -> prepared pixels, digests and errors (an unreadable file: zeros and its error)."""
-    paths = [str(p) for p in batch["path"]]
-    images = np.zeros((len(paths), spec.channels, spec.size, spec.size), np.float32)
-    digests = np.zeros((len(paths), DIGEST_BYTES), np.uint8)
-    errors = np.full(len(paths), "", dtype=object)
-    for i, path in enumerate(paths):
-        try:
-            prepared = spec.read(path)
-        except (InvalidInput, OSError) as exc:
-            errors[i] = str(exc) or type(exc).__name__
-            continue
-        images[i] = prepared.tensor.numpy()
-        digests[i] = np.frombuffer(prepared.digest, np.uint8)
-    return {"path": np.asarray(paths, dtype=object), "image": images, "digest": digests, "error": errors}
 
 
 def driver_check(settings: Settings, profile_name: str) -> tuple[InputSpec, dict[str, Any]]:
