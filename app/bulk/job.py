@@ -72,6 +72,8 @@ def score_dataset(
     """Score every image ``source`` names (inputs.list_inputs) into the Parquet folder ``out``."""
     started = time.perf_counter()
     settings = settings or Settings()  # type: ignore[call-arg]  # from the environment
+    if not settings.model_dir.is_absolute():  # workers need not share the driver's working directory
+        settings = settings.model_copy(update={"model_dir": settings.model_dir.resolve()})
     options = options or BulkOptions()
     if options.batch_size < 1 or options.part_rows < 1:
         raise InvalidInput("batch size and rows per part must be at least 1")
