@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--model", default=str(REPO / "model_store" / "celeba32-ref"))
+    p.add_argument("--threads", type=int, help="DDM_TORCH_THREADS for both (default: each process's own)")
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--one", choices=("engine", "ray"), help=argparse.SUPPRESS)  # a child run
     p.add_argument("--list", type=Path, help=argparse.SUPPRESS)
@@ -65,6 +66,8 @@ def orchestrate(args: argparse.Namespace) -> int:
                 command = [sys.executable, "-m", "benchmarks.bulk_bench", "--one", kind, "--list",
                            str(listed), "--out", str(out), "--batch-size", str(args.batch_size),
                            "--model", args.model]  # fmt: skip
+                if args.threads:
+                    command += ["--threads", str(args.threads)]
                 load = os.getloadavg()[0]
                 done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
                 runs[kind] = {**json.loads(done.stdout.strip().splitlines()[-1]), "load_before": load}
@@ -76,7 +79,13 @@ def orchestrate(args: argparse.Namespace) -> int:
     report = {
         "measured": time.strftime("%Y-%m-%d"),
         "command": "python -m benchmarks.bulk_bench " + " ".join(sys.argv[1:]),
-        "conditions": {"cpus": os.cpu_count(), "images": args.images, "batch_size": args.batch_size},
+        "conditions": {
+            "cpus": os.cpu_count(),
+            "images": args.images,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "load_before": os.getloadavg(),
+        },
         "ratio_median": statistics.median(r["ratio"] for r in rounds),
         "rounds": rounds,
     }
@@ -103,7 +112,7 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
     from app.settings import Settings
 
     paths = args.list.read_text().split()
-    settings = Settings(model_dir=args.model)  # type: ignore[call-arg]
+    settings = Settings(model_dir=args.model, torch_threads=args.threads)  # type: ignore[call-arg]
     apply_thread_policy(settings)
     start = time.perf_counter()
     scorer = load_scorer(settings)
@@ -138,7 +147,7 @@ def run_ray(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     ray.init(include_dashboard=False, log_to_driver=False)
     started = time.perf_counter()
-    settings = Settings(model_dir=args.model)  # type: ignore[call-arg]
+    settings = Settings(model_dir=args.model, torch_threads=args.threads)  # type: ignore[call-arg]
     summary = score_dataset(args.list, args.out, settings, BulkOptions(batch_size=args.batch_size))
     seconds = time.perf_counter() - started
     ray.shutdown()
