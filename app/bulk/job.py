@@ -7,7 +7,6 @@ started already (``ray.init`` in a notebook or a test) is used as it is."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -27,11 +26,10 @@ from app.bulk.stages import BatchScorer, driver_check
 from app.errors import InvalidInput
 from app.settings import Settings
 
-log = logging.getLogger(__name__)
-
 # A decode task holds a quarter of a CPU in Ray's accounting, so that actors asking for most of a node's CPUs
-# still leave room to decode for them; at most one runs per CPU the actors leave (``decoders``): each is a
-# worker process of its own (the decoder's imports: ~2 s of CPU once), and one 64x64 PNG takes 0.5-0.9 ms.
+# still leave room to decode for them; at most one runs per CPU the actors leave (and at least one per node):
+# each is a worker process of its own (the decoder's imports: ~2 s of CPU once), and one 64x64 PNG takes
+# 0.5-0.9 ms.
 DECODE_CPUS = 0.25
 ACTOR_START_S = 900  # start and model load of the whole actor pool (a cold node: imports, weights, export)
 # Paths per decode task: blocks of about this many bytes of prepared pixels (bounded below by one model
