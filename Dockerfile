@@ -4,6 +4,8 @@
 #   GPU (default, CUDA 13.0):  docker build -t ddm-anomaly:0.1.0-gpu-cu130 .
 #   GPU, legacy CUDA 12.6:     docker build --build-arg CUDA_FLAVOUR=cu126 -t ddm-anomaly:0.1.0-gpu-cu126 .
 #   CPU:                       docker build --build-arg VARIANT=cpu -t ddm-anomaly:0.1.0-cpu .
+#   With Ray (score-dataset on a Ray cluster, k8s/ray): add --build-arg EXTRAS=bulk and a -bulk tag suffix;
+#   the service images above are built without Ray.
 #   Build, run and check one:  deploy/image-smoke.sh --variant cpu   (docs/DEPLOYMENT.md)
 #
 # Both variants share one OS (Ubuntu 22.04 with its python3.11) so the virtual environment built in the
@@ -22,6 +24,8 @@ ARG VARIANT=gpu
 ARG TORCH_VERSION=2.13.0
 ARG CUDA_FLAVOUR=cu130
 ARG TORCH_INDEX=https://download.pytorch.org/whl
+# Optional extras of the package (pyproject.toml): `bulk` adds Ray Data for `ddm-anomaly score-dataset`.
+ARG EXTRAS=
 # `-base-` images (CUDA runtime stub + the NVIDIA Container Toolkit settings: NVIDIA_VISIBLE_DEVICES,
 # NVIDIA_DRIVER_CAPABILITIES, and NVIDIA_REQUIRE_CUDA, which refuses to start on a too-old driver): enough,
 # because the pip CUDA wheels that torch depends on carry every CUDA library it loads (cuBLAS, cuDNN, cuFFT,
@@ -95,7 +99,8 @@ COPY app ./app
 # The pins keep pip from swapping the variant's torch for another build while resolving the rest; then every
 # installed distribution must be pinned (check_pins.py fails the build otherwise: a reproducible image).
 # Bytecode stays compiled (the runtime root is read-only); pip itself is not needed at run time.
-RUN pip install --no-cache-dir -c torch-pins.txt -c requirements.lock . \
+ARG EXTRAS
+RUN pip install --no-cache-dir -c torch-pins.txt -c requirements.lock ".${EXTRAS:+[${EXTRAS}]}" \
     && python check_pins.py torch-pins.txt requirements.lock --ignore ddm-anomaly --ignore pip \
     && python -m pip uninstall -y pip
 

@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml constraints/cpu.txt requirements.lock
 	$(BIN)/pip install -q --upgrade pip
 	# CPU install path: torch comes from the pinned CPU wheel, never the multi-GB CUDA build.
 	# requirements.lock pins every other distribution (reproducible installs; pip-audit checks it).
-	$(BIN)/pip install -q -c constraints/cpu.txt -c requirements.lock -e '.[dev]'
+	# The bulk extra (Ray Data, for score-dataset) is installed for its tests; the service image has none.
+	$(BIN)/pip install -q -c constraints/cpu.txt -c requirements.lock -e '.[dev,bulk]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -13,6 +13,7 @@ from app import __version__
 COMMAND_MODULES = (
     "app.commands.serve",
     "app.commands.score",
+    "app.commands.score_dataset",
     "app.commands.calibrate",
     "app.commands.evaluate",
     "app.commands.train",

@@ -312,8 +312,8 @@ def _lock() -> dict[str, str]:
 
 
 def _requirements_closure() -> set[str]:
-    """Every distribution ddm-anomaly[dev] needs, transitively, on this interpreter."""
-    todo = [("ddm-anomaly", frozenset({"dev"}))]
+    """Every distribution ddm-anomaly[dev,bulk] needs, transitively, on this interpreter."""
+    todo = [("ddm-anomaly", frozenset({"dev", "bulk"}))]
     seen: set[str] = set()
     while todo:
         name, extras = todo.pop()
