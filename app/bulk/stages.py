@@ -16,6 +16,7 @@ from app.bootstrap import apply_thread_policy, engine_from_settings
 from app.bulk.decode import InputSpec
 from app.bulk.output import SCHEMA
 from app.engine.calibration.profile import Profile
+from app.engine.calibration.profile import served_key
 from app.engine.calibration.store import ProfileStore
 from app.engine.preprocessing import PreparedImage
 from app.engine.types import Verdict
@@ -47,9 +48,10 @@ class BatchScorer:
         self.scorer = engine_from_settings(settings)
         self.scorer.load(warmup_batch=2 if warmup else 0)
         self.profile = Profile.from_dict(profile_doc)
-        if (self.profile.model_id, self.profile.options.feature_key()) != (
+        # the profile derives its own features from the walk; it must share the walk (served_key)
+        if (self.profile.model_id, served_key(self.profile.options)) != (
             self.scorer.info.model_id,
-            self.scorer.options.feature_key(),
+            served_key(self.scorer.options),
         ):
             raise ProfileMismatch(
                 f"this worker loaded {self.scorer.info.model_id}; profile {self.profile.name!r} is for "
