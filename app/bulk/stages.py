@@ -15,8 +15,7 @@ import torch
 from app.bootstrap import apply_thread_policy, engine_from_settings
 from app.bulk.decode import InputSpec
 from app.bulk.output import SCHEMA
-from app.engine.calibration.profile import Profile
-from app.engine.calibration.profile import served_key
+from app.engine.calibration.profile import Profile, served_key
 from app.engine.calibration.store import ProfileStore
 from app.engine.preprocessing import PreparedImage
 from app.engine.types import Verdict
