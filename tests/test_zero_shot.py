@@ -71,7 +71,7 @@ def test_the_embedding_comes_from_the_same_pass_on_both_runtimes(
 
 def test_choice_on_few_textures_keeps_the_energies_and_records_why(scorers: dict[str, Scorer]) -> None:
     """30 textures do not support a density over 256 embedding values (its gap is over the limit): the
-    energies are taken. (120 textures take the embedding expert: tests/test_zero_shot_live.py.)"""
+    energies are taken. (60 textures take the embedding expert: tests/test_zero_shot_live.py.)"""
     scorer = scorers["onnxruntime"]
     stats = scorer.run([scorer.decode(p.read_bytes()) for p in require_data("dtd", 30)])
     choice = choose_options(MethodOptions(), stats)
