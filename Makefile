@@ -2,21 +2,28 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# `make run` installs only what the service needs; `make test` (and `make install`) add the dev tools on top.
+RUN_STAMP := $(VENV)/.installed-run
+STAMP := $(VENV)/.installed-dev
+PIP_INSTALL := $(BIN)/pip install -q -c constraints/cpu.txt -c requirements.lock
 
 .PHONY: run test lint install clean lock goldens
 
-$(STAMP): pyproject.toml constraints/cpu.txt requirements.lock
+# CPU install path: torch comes from the pinned CPU wheel, never the multi-GB CUDA build.
+# requirements.lock pins every other distribution (reproducible installs; pip-audit checks it).
+$(RUN_STAMP): pyproject.toml constraints/cpu.txt requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# CPU install path: torch comes from the pinned CPU wheel, never the multi-GB CUDA build.
-	# requirements.lock pins every other distribution (reproducible installs; pip-audit checks it).
-	$(BIN)/pip install -q -c constraints/cpu.txt -c requirements.lock -e '.[dev]'
+	$(PIP_INSTALL) -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/ddm-anomaly serve
 
 lint: $(STAMP)

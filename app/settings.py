@@ -8,9 +8,15 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.engine.methods import names as method_names
-
 DEFAULT_MODEL_DIR = Path("model_store/celeba32-ref")
+
+
+def shipped_model_dir() -> Path:
+    """The shipped model: ``model_store/celeba32-ref`` of the working directory (the container's /opt/ddm),
+    else the one beside the source tree (a clone installed with ``pip install -e``), so the commands work
+    from any folder."""
+    beside_source = Path(__file__).resolve().parent.parent / DEFAULT_MODEL_DIR
+    return beside_source if not DEFAULT_MODEL_DIR.is_dir() and beside_source.is_dir() else DEFAULT_MODEL_DIR
 
 
 class Settings(BaseSettings):
@@ -19,7 +25,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DDM_", env_file=None, extra="ignore")
 
     # --- model and method -------------------------------------------------------------------------
-    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="diffusers folder with unet/ and scheduler/")
+    model_dir: Path = Field(
+        default_factory=shipped_model_dir,
+        description="diffusers folder with unet/ and scheduler/ (default: the shipped model, any cwd)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype; auto = float32 on CPU, bfloat16 autocast on CUDA"
@@ -133,6 +142,9 @@ class Settings(BaseSettings):
     @field_validator("method")
     @classmethod
     def _registered_method(cls, value: str) -> str:
+        # imported here: the registry loads the methods (torch); `ddm-anomaly --help` must not wait for it
+        from app.engine.methods import names as method_names
+
         if value not in method_names():
             raise ValueError(f"unknown method {value!r}; registered: {', '.join(method_names())}")
         return value

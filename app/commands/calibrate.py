@@ -6,13 +6,7 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
-from app.bootstrap import apply_thread_policy
 from app.commands.common import add_engine_args, load_scorer, profiles_dir, settings_from_args
-from app.engine.calibration.fit import fit_profile
-from app.engine.calibration.store import ProfileStore, validate_profile_name
-from app.offline.datasets import feature_matrix, folder_statistics, list_images
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from app.bootstrap import apply_thread_policy
+    from app.engine.calibration.fit import fit_profile
+    from app.engine.calibration.store import ProfileStore, validate_profile_name
+    from app.offline.datasets import feature_matrix, folder_statistics, list_images
+
     validate_profile_name(args.name)
     settings = settings_from_args(args)
     apply_thread_policy(settings)

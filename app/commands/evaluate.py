@@ -8,17 +8,16 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from app.bootstrap import apply_thread_policy, options_from_settings
 from app.commands.common import add_engine_args, load_scorer, settings_from_args
-from app.engine.calibration.fit import fit_profile
-from app.engine.methods import METHODS
-from app.engine.scorer import Scorer
-from app.offline.datasets import feature_matrix, folder_statistics, list_images
-from app.offline.evaluation import PairResult, detection_metrics, format_table, plot_roc_and_histograms
 from app.settings import Settings
+
+if TYPE_CHECKING:  # the engine (torch) loads when the command runs, not to print --help
+    import numpy as np
+
+    from app.engine.scorer import Scorer
+    from app.offline.evaluation import PairResult
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="OOD sets",
     )
     p.add_argument("--fit", nargs="+", action="extend", type=Path, help="folders of normal images to fit on")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to compare")
+    p.add_argument(
+        "--methods", nargs="+", help="methods to compare (default: every shipped method; METHOD.md)"
+    )
     p.add_argument("--limit", type=int, help="at most N images per scored set (seeded choice)")
     p.add_argument("--fit-limit", type=int, default=2000, help="at most M fitting images (default 2000)")
     p.add_argument("--json", required=True, type=Path, help="output JSON file")
@@ -72,6 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def split_id_and_fit(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
     """ID test images and fitting images, never overlapping."""
+    from app.offline.datasets import list_images
+
     if args.fit:
         fit = [p for folder in args.fit for p in list_images(folder, seed=0)]
         fit_set = {p.resolve() for p in fit}
@@ -86,6 +89,8 @@ def split_id_and_fit(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
 def cache_file(
     folder: Path | None, scorer: Scorer, settings: Settings, methods: list[str], paths: list[Path]
 ) -> Path | None:
+    from app.bootstrap import options_from_settings
+
     if folder is None:
         return None
     key = {
@@ -98,6 +103,16 @@ def cache_file(
 
 
 def run(args: argparse.Namespace) -> int:
+    from app.bootstrap import apply_thread_policy, options_from_settings
+    from app.engine.methods import METHODS, names
+    from app.offline.datasets import list_images
+    from app.offline.evaluation import format_table, plot_roc_and_histograms
+
+    args.methods = args.methods or list(METHODS)
+    if unknown := sorted(set(args.methods) - set(names())):
+        raise SystemExit(
+            f"evaluate: unknown method(s) {', '.join(unknown)}; registered: {', '.join(names())}"
+        )
     settings = settings_from_args(args)
     apply_thread_policy(settings)
     scorer = load_scorer(settings, options_from_settings(settings, args.methods[0]))
@@ -141,6 +156,10 @@ def set_features(
 ) -> tuple[dict[str, dict[str, np.ndarray]], int]:
     """{method: {set name: feature matrix}} for every set (from the --cache when it has the set), and the
     number of images the model computed."""
+    import numpy as np
+
+    from app.offline.datasets import feature_matrix, folder_statistics
+
     n_images = 0
     features: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
     for name, paths in sets.items():
@@ -168,6 +187,10 @@ def compare_methods(
     id_name: str,
 ) -> tuple[dict[str, dict[str, np.ndarray]], list[PairResult]]:
     """Each method fitted on the fitting set: its scores of every scored set, and ID vs each OOD set."""
+    from app.bootstrap import options_from_settings
+    from app.engine.calibration.fit import fit_profile
+    from app.offline.evaluation import PairResult, detection_metrics
+
     scores: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
     results: list[PairResult] = []
     for m in args.methods:

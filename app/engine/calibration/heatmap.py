@@ -55,11 +55,30 @@ class HeatmapCalibration:
         """Raw map(s) (..., H, W) -> per-pixel z-scores of the log smoothed map (0: a typical pixel)."""
         return standardise(log_map(smooth(heatmap, self.sigma)), self.mean, self.std)
 
-    def colour_scale(self, calibrated: np.ndarray) -> np.ndarray:
+    def colour_scale(self, calibrated: np.ndarray, floor: float = 0.0) -> np.ndarray:
         """Calibrated map -> [0, 1] on the profile's one scale: 0 at or below typical, 0.5 at ``hot``, 1 at
-        twice ``hot``; non-finite values draw as 0."""
-        scaled = np.asarray(calibrated, dtype=np.float64) / (2.0 * self.hot)
-        return np.where(np.isfinite(scaled), np.clip(scaled, 0.0, 1.0), 0.0)
+        twice ``hot``; non-finite values draw as 0. ``floor`` (``image_floor``) lifts the whole map so its
+        hottest pixel reaches at least that value: the map keeps its shape and shows the image-level
+        deviation too."""
+        arr = np.asarray(calibrated, dtype=np.float64)
+        finite = np.isfinite(arr)
+        peak = float(arr[finite].max()) if finite.any() else 0.0
+        scaled = (arr + max(0.0, floor - peak)) / (2.0 * self.hot)
+        return np.where(finite, np.clip(scaled, 0.0, 1.0), 0.0)
+
+    def image_floor(self, score: float | None, typical: float, threshold: float) -> float:
+        """The image's score on the map's calibrated scale: 0 at ``typical`` (the profile's median normal
+        score), ``hot`` at ``threshold``, linear beyond. A whole image unlike the normal ones (a texture
+        scored by a face model) may have no region hotter than the rest of it, so its calibrated map alone
+        would stay dark while the verdict says anomaly; with this floor an image at or over the threshold
+        always draws its hottest pixel at least mid-scale."""
+        if score is None or not math.isfinite(score):  # features the density cannot judge: flagged
+            return 2.0 * self.hot
+        if threshold <= typical:  # degenerate profile: the verdict alone decides
+            return self.hot if score >= threshold else 0.0
+        # capped at the top of the scale: a far-out image saturates its hottest pixel, not every pixel, so
+        # the map still shows where it is most unusual
+        return min(2.0 * self.hot, max(0.0, self.hot * (score - typical) / (threshold - typical)))
 
     def to_dict(self) -> dict[str, Any]:
         return {
