@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         "a request that does not fit is refused with 503 queue_full and Retry-After",
     )
     heatmap_max_side: int = Field(1024, ge=16, description="longest side of a returned heat-map PNG")
+    score_buckets: Annotated[list[float] | None, NoDecode] = Field(
+        None,
+        description="upper bounds of the anomaly_score histogram's buckets (comma-separated); default: "
+        "dense around the shipped model's threshold (app/service/metrics.py); set them around another "
+        "model's normal scores and threshold",
+    )
     allowed_formats: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"]
     )
@@ -154,6 +160,13 @@ class Settings(BaseSettings):
     def _split_formats(cls, value: object) -> object:
         if isinstance(value, str):
             return [v.strip().upper() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("score_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return sorted(float(v) for v in value.split(",") if v.strip()) or None
         return value
 
     @field_validator("api_keys", mode="before")

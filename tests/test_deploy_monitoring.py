@@ -51,6 +51,8 @@ def exported_series() -> dict[str, set[str]]:
         for family in collector.collect():
             for suffix in _SUFFIXES[family.type]:
                 series[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    for family in metrics.process.collect():  # process_* (prometheus_client's process collector)
+        series[family.name + ("_total" if family.type == "counter" else "")] = set()
     assert series, "Metrics registered no collectors"
     return series
 
