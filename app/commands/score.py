@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="score image files, folders or globs",
         description=(
             "Score images offline, without the service. Per image: score (-log density of its trajectory "
-            "features under the profile: the higher, the more unusual; normal images of the shipped model "
-            "score around -40 to -25), the profile's threshold, is_anomaly, the percentile among the "
+            "features under the profile: the higher, the more unusual; 90%% of the shipped profile's faces "
+            "score -37 to -22), the profile's threshold, is_anomaly, the percentile among the "
             "profile's normal images and a conformal p-value. A progress bar shows on a terminal. "
             "Unreadable files get an error row and the exit code is 1."
         ),
