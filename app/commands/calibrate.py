@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     )
     store = ProfileStore(profiles_dir(settings), scorer.info.model_id, scorer.options)
     path = store.save(profile, overwrite=args.overwrite)
+    for warning in profile.warnings():  # also in the summary's "warnings"
+        print(f"warning: {warning}", file=sys.stderr)
     json.dump({"profile": str(path), **profile.summary()}, sys.stdout)
     sys.stdout.write("\n")
     return 0

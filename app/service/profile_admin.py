@@ -78,6 +78,8 @@ class ProfileAdmin:
         finally:
             self._creating.discard(key)
         log.info("calibration profile %r created from %d images", name, len(images))
+        for warning in profile.warnings():  # the response's "warnings" says the same to the client
+            log.warning("calibration profile %r: %s", name, warning)
         return profile
 
     async def delete(self, store: ProfileStore, name: str) -> None:

@@ -8,7 +8,7 @@ import re
 import threading
 from pathlib import Path
 
-from app.engine.calibration.profile import TEMP_SUFFIX, Profile
+from app.engine.calibration.profile import TEMP_SUFFIX, Profile, same_model
 from app.engine.types import MethodOptions
 from app.errors import InvalidInput, PayloadTooLarge, ProfileConflict, ProfileMismatch, ProfileNotFound
 
@@ -89,7 +89,10 @@ class ProfileStore:
 
     def save(self, profile: Profile, overwrite: bool = False) -> Path:
         path = self.path(profile.name)
-        if profile.model_id != self.model_id or profile.options.feature_key() != self.options.feature_key():
+        if (
+            not same_model(profile.model_id, self.model_id)
+            or profile.options.feature_key() != self.options.feature_key()
+        ):
             raise ProfileMismatch("profile was fitted for another model or other method options")
         self.check_new(profile.name, overwrite)
         if not path.exists() and len(self.names()) >= MAX_PROFILES:
