@@ -7,7 +7,7 @@ all synthetic images (anomalib's pixel AUROC), at the model's resolution. Per-pi
 reference faces disjoint from the faces that carry patches, as a calibration profile's would.
 
     python benchmarks/heatmap_eval.py --data ../shared/data --reference 300 --synthetic 300 \
-        --json benchmarks/results/heatmaps/2026-12-02-heatmaps.json --figure docs/img/heatmap_examples.png
+        --json benchmarks/results/heatmaps/2026-12-07-heatmaps.json --figure docs/img/heatmap_examples.png
 """
 
 from __future__ import annotations
@@ -254,21 +254,27 @@ def verdict_summary(
     syn: np.ndarray,
     normal: np.ndarray,
 ) -> dict:
-    """The maps as drawn (explain.verdict_floor: lifted to the image's score on the map's scale): pixel
-    AUROC of the drawn values, and whether any flagged image draws its peak below mid-scale."""
+    """The maps as drawn (explain.verdict_floor: a flagged image's map lifted so its peak is at least
+    ``hot``, mid-scale): pixel AUROC of the drawn values, and whether any flagged image draws its peak
+    below mid-scale; for comparison, the rejected floor that grows with the score (0 at the median normal
+    score, ``hot`` at the threshold, up to twice ``hot``)."""
     typical = float(np.median(profile.calibration_scores))
     out: dict = {"threshold": profile.threshold, "typical_score": typical}
     drawn_sets = {}
     for name, z in (("syn", syn), ("normal", normal)):
         scores = profile.score(maps[f"{name}_features"])
-        floors = np.array([calibration.image_floor(s, typical, profile.threshold) for s in scores])
-        drawn_sets[name] = drawn(calibration, z, floors)
         flagged = scores > profile.threshold
+        drawn_sets[name] = drawn(calibration, z, np.array([calibration.verdict_floor(f) for f in flagged]))
         peaks = drawn_sets[name].max(axis=(1, 2))
         out[f"{name}_flagged"] = float(flagged.mean())
         out[f"{name}_flagged_drawn_below_mid"] = int((peaks[flagged] < 0.5).sum())
         out[f"{name}_flagged_dark_without_floor"] = int((z.max(axis=(1, 2))[flagged] < calibration.hot).sum())
     masks, half = maps["masks"], len(maps["masks"]) // 2
+    scores = profile.score(maps["syn_features"])
+    graded = np.clip(
+        calibration.hot * (scores - typical) / (profile.threshold - typical), 0, 2 * calibration.hot
+    )
+    out["pixel_auroc_drawn_score_floor"] = pixel_auroc(drawn(calibration, syn, graded), masks)
     out["pixel_auroc_drawn"] = pixel_auroc(drawn_sets["syn"], masks)
     out["pixel_auroc_drawn_report"] = pixel_auroc(drawn_sets["syn"][half:], masks[half:])
     out["normal_faces_cool_drawn"] = float((drawn_sets["normal"].max(axis=(1, 2)) < 0.5).mean())
@@ -310,7 +316,6 @@ def figure(maps: dict[str, np.ndarray], path: str, profile: Profile, rows: int =
     import matplotlib.pyplot as plt
 
     calibration = fit_heatmap_calibration(product_maps(maps, "ref"))
-    typical = float(np.median(profile.calibration_scores))
     scores = {name: profile.score(maps[f"{name}_features"]) for name in ("syn", "normal")}
     picks = [("patch", i) for i in range(rows)] + [("normal", 0), ("normal", 1)]
     fig, axes = plt.subplots(len(picks), 3, figsize=(6, 2 * len(picks)))
@@ -324,7 +329,7 @@ def figure(maps: dict[str, np.ndarray], path: str, profile: Profile, rows: int =
                 product_maps(maps, "normal")[i],
             )
         score = float(scores["syn" if kind == "patch" else "normal"][i])
-        floor = calibration.image_floor(score, typical, profile.threshold)
+        floor = calibration.verdict_floor(score > profile.threshold)
         png = heatmap_png(
             raw, (image.shape[1], image.shape[0]), calibration=calibration, opacity=1.0, floor=floor
         )

@@ -34,12 +34,9 @@ def normalise(heatmap: np.ndarray) -> np.ndarray:
 
 
 def verdict_floor(profile: Profile, verdict: Verdict) -> float:
-    """The floor (``HeatmapCalibration.image_floor``) that makes an image's map agree with its verdict: 0
-    for a profile without heat-map statistics (those maps are stretched per image anyway)."""
-    if profile.heatmap is None:
-        return 0.0
-    typical = float(np.median(profile.calibration_scores))
-    return profile.heatmap.image_floor(verdict.score, typical, verdict.threshold)
+    """The floor (``HeatmapCalibration.verdict_floor``) that makes an image's map agree with its verdict:
+    0 for a profile without heat-map statistics (those maps are stretched per image anyway)."""
+    return 0.0 if profile.heatmap is None else profile.heatmap.verdict_floor(verdict.is_anomaly)
 
 
 def heatmap_png(
@@ -61,7 +58,8 @@ def heatmap_png(
     is cut off); None = the largest centred square. With a profile's ``calibration`` the colours are on
     the profile's one scale (a normal image is dark, the threshold-equivalent mid-scale); without one
     (profiles fitted before heat-map statistics existed) each map is stretched between its own min and max.
-    ``floor`` is the image-level deviation on the calibrated scale (``HeatmapCalibration.image_floor``).
+    ``floor`` lifts the map so its hottest pixel is drawn at least there (``verdict_floor``: a flagged
+    image never draws dark).
     """
     width, height = source_size
     scale = min(1.0, max_side / max(width, height, 1))
