@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,6 +18,20 @@ def shipped_model_dir() -> Path:
     from any folder."""
     beside_source = Path(__file__).resolve().parent.parent / DEFAULT_MODEL_DIR
     return beside_source if not DEFAULT_MODEL_DIR.is_dir() and beside_source.is_dir() else DEFAULT_MODEL_DIR
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask (cpusets, ``docker --cpuset-cpus``) capped by a cgroup
+    v2 CPU quota (``docker --cpus``, Kubernetes limits), at least 1. ``DDM_MODEL_INSTANCES=auto`` sizes the
+    service to the host with it."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, int(quota) // int(period))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return max(1, count)
 
 
 class Settings(BaseSettings):
@@ -63,7 +78,8 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="batches computed at the same time, each by its own worker thread on the one shared "
-        "model (Triton's instance_group count); on CPU each uses DDM_TORCH_THREADS threads",
+        "model (Triton's instance_group count); on CPU each uses DDM_TORCH_THREADS threads; auto = the CPUs "
+        "this process may use",
     )
     warmup: bool = True
 
@@ -160,6 +176,13 @@ class Settings(BaseSettings):
     def _split_formats(cls, value: object) -> object:
         if isinstance(value, str):
             return [v.strip().upper() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("model_instances", mode="before")
+    @classmethod
+    def _auto_instances(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return min(usable_cpus(), 64)  # the field's bound
         return value
 
     @field_validator("score_buckets", mode="before")
