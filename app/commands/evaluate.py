@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     features, n_images = set_features(args, scorer, settings, sets)
     seconds = time.perf_counter() - started
-    scores, results = compare_methods(args, scorer, settings, features, id_name)
+    scores, results, thresholds = compare_methods(args, scorer, settings, features, id_name)
 
     print(format_table(results))
     per_image = seconds / max(n_images, 1)
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     }
     args.json.write_text(json.dumps(report, indent=2))
     if not args.no_plots:
-        for path in plot_roc_and_histograms(scores, id_name, args.json.with_suffix("")):
+        for path in plot_roc_and_histograms(scores, id_name, args.json.with_suffix(""), thresholds):
             print(f"wrote {path}")
     return 0
 
@@ -185,19 +185,22 @@ def compare_methods(
     settings: Settings,
     features: dict[str, dict[str, np.ndarray]],
     id_name: str,
-) -> tuple[dict[str, dict[str, np.ndarray]], list[PairResult]]:
-    """Each method fitted on the fitting set: its scores of every scored set, and ID vs each OOD set."""
+) -> tuple[dict[str, dict[str, np.ndarray]], list[PairResult], dict[str, tuple[float, float]]]:
+    """Each method fitted on the fitting set: its scores of every scored set, ID vs each OOD set, and its
+    profile's deciding (false-positive rate, threshold)."""
     from app.bootstrap import options_from_settings
     from app.engine.calibration.fit import fit_profile
     from app.offline.evaluation import PairResult, detection_metrics
 
     scores: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
     results: list[PairResult] = []
+    thresholds: dict[str, tuple[float, float]] = {}
     for m in args.methods:
         options = options_from_settings(settings, m)
         profile = fit_profile(
             f"eval-{m}", features[m]["__fit__"], model_id=scorer.info.model_id, options=options
         )
+        thresholds[m] = (profile.default_fpr, profile.threshold)
         for name in features[m]:
             if name != "__fit__":
                 scores[m][name] = profile.score(features[m][name])
@@ -208,4 +211,4 @@ def compare_methods(
                     m, id_name, name, auroc, aupr, fpr95, len(scores[m][id_name]), len(scores[m][name])
                 )
             )
-    return scores, results
+    return scores, results, thresholds

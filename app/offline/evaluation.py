@@ -56,9 +56,14 @@ def format_table(results: list[PairResult]) -> str:
 
 
 def plot_roc_and_histograms(
-    scores: dict[str, dict[str, np.ndarray]], id_name: str, out_prefix: Path
+    scores: dict[str, dict[str, np.ndarray]],
+    id_name: str,
+    out_prefix: Path,
+    thresholds: dict[str, tuple[float, float]] | None = None,
 ) -> list[Path]:
-    """ROC curves (one panel per method) and score histograms; ``scores[method][set_name]``."""
+    """ROC curves (one panel per method) and score histograms; ``scores[method][set_name]``;
+    ``thresholds[method]`` = (false-positive rate, threshold) marks the deciding threshold on both."""
+    thresholds = thresholds or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,6 +82,9 @@ def plot_roc_and_histograms(
             fpr, tpr, _ = roc_curve(y, s)
             ax.plot(fpr, tpr, label=f"{name} ({roc_auc_score(y, s):.3f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        if method in thresholds:
+            rate = thresholds[method][0]
+            ax.axvline(rate, color="k", ls="--", lw=0.8, label=f"profile threshold ({rate:g} FPR)")
         ax.set(title=method, xlabel="FPR (ID flagged)", ylabel="TPR (OOD flagged)")
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -94,8 +102,11 @@ def plot_roc_and_histograms(
             ax.hist(
                 np.clip(vals[np.isfinite(vals)], lo, hi), bins=bins, histtype="step", density=True, label=name
             )
-        ax.set(title=method, xlabel="anomaly score")
-        ax.legend(fontsize=7)
+        if method in thresholds:
+            rate, value = thresholds[method]
+            ax.axvline(value, color="k", ls="--", lw=1, label=f"threshold {value:.1f} ({rate:g} FPR)")
+        ax.set(title=method, xlabel="anomaly score (clipped to the 0.5-99.5 % range)", ylabel="density")
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     hist_path = out_prefix.with_name(out_prefix.name + "_hist.png")
     fig.savefig(hist_path, dpi=110)
