@@ -101,7 +101,7 @@ def plot_roc_and_histograms(
         # linear across the normal scores and the threshold, logarithmic beyond: anomalies score up to ten
         # times further out, and one linear axis squeezed the normal images into a single bin
         ids = scores[method][id_name]
-        linear_to = float(np.percentile(ids[np.isfinite(ids)], 99.5)) if np.isfinite(ids).any() else hi
+        linear_to = float(np.percentile(ids[np.isfinite(ids)], 95)) if np.isfinite(ids).any() else hi
         if method in thresholds:
             linear_to = max(linear_to, thresholds[method][1])
         linear_to += 0.5 * (linear_to - lo)
