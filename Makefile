@@ -2,22 +2,29 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# `make run` installs only what the service needs; `make test` (and `make install`) add the dev tools on top.
+RUN_STAMP := $(VENV)/.installed-run
+STAMP := $(VENV)/.installed-dev
+PIP_INSTALL := $(BIN)/pip install -q -c constraints/cpu.txt -c requirements.lock
 
 .PHONY: run test lint install clean lock goldens
 
-$(STAMP): pyproject.toml constraints/cpu.txt requirements.lock
+# CPU install path: torch comes from the pinned CPU wheel, never the multi-GB CUDA build.
+# requirements.lock pins every other distribution (reproducible installs; pip-audit checks it).
+$(RUN_STAMP): pyproject.toml constraints/cpu.txt requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# CPU install path: torch comes from the pinned CPU wheel, never the multi-GB CUDA build.
-	# requirements.lock pins every other distribution (reproducible installs; pip-audit checks it).
-	# The bulk extra (Ray Data, for score-dataset) is installed for its tests; the service image has none.
-	$(BIN)/pip install -q -c constraints/cpu.txt -c requirements.lock -e '.[dev,bulk]'
+	$(PIP_INSTALL) -e .
+	touch $(RUN_STAMP)
+
+# the dev tools, and the bulk extra (Ray Data, for score-dataset) for its tests; the service image has none
+$(STAMP): $(RUN_STAMP)
+	$(PIP_INSTALL) -e '.[dev,bulk]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/ddm-anomaly serve
 
 lint: $(STAMP)

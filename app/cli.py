@@ -49,4 +49,22 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:
+        if not _user_error(exc):
+            raise
+        # a wrong path, setting or profile is the user's to fix: one line saying what, no traceback
+        print(f"ddm-anomaly {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _user_error(exc: Exception) -> bool:
+    from pydantic import ValidationError
+
+    from app.errors import DDMError
+
+    if isinstance(exc, DDMError | ValidationError | FileNotFoundError):
+        return True
+    loading = sys.modules.get("app.engine.model.loading")  # imported by whichever command loads a model
+    return loading is not None and isinstance(exc, loading.ModelLoadError)

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.engine.methods import names as method_names
-
 DEFAULT_MODEL_DIR = Path("model_store/celeba32-ref")
+
+
+def shipped_model_dir() -> Path:
+    """The shipped model: ``model_store/celeba32-ref`` of the working directory (the container's /opt/ddm),
+    else the one beside the source tree (a clone installed with ``pip install -e``), so the commands work
+    from any folder."""
+    beside_source = Path(__file__).resolve().parent.parent / DEFAULT_MODEL_DIR
+    return beside_source if not DEFAULT_MODEL_DIR.is_dir() and beside_source.is_dir() else DEFAULT_MODEL_DIR
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask (cpusets, ``docker --cpuset-cpus``) capped by a cgroup
+    v2 CPU quota (``docker --cpus``, Kubernetes limits), at least 1. ``DDM_MODEL_INSTANCES=auto`` sizes the
+    service to the host with it."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, int(quota) // int(period))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return max(1, count)
 
 
 class Settings(BaseSettings):
@@ -19,7 +40,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DDM_", env_file=None, extra="ignore")
 
     # --- model and method -------------------------------------------------------------------------
-    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="diffusers folder with unet/ and scheduler/")
+    model_dir: Path = Field(
+        default_factory=shipped_model_dir,
+        description="diffusers folder with unet/ and scheduler/ (default: the shipped model, any cwd)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype; auto = float32 on CPU, bfloat16 autocast on CUDA"
@@ -56,7 +80,8 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="batches computed at the same time, each by its own worker thread on the one shared "
-        "model (Triton's instance_group count); on CPU each uses DDM_TORCH_THREADS threads",
+        "model (Triton's instance_group count); on CPU each uses DDM_TORCH_THREADS threads; auto = the CPUs "
+        "this process may use",
     )
     warmup: bool = True
 
@@ -103,6 +128,12 @@ class Settings(BaseSettings):
         "a request that does not fit is refused with 503 queue_full and Retry-After",
     )
     heatmap_max_side: int = Field(1024, ge=16, description="longest side of a returned heat-map PNG")
+    score_buckets: Annotated[list[float] | None, NoDecode] = Field(
+        None,
+        description="upper bounds of the anomaly_score histogram's buckets (comma-separated); default: "
+        "dense around the shipped model's threshold (app/service/metrics.py); set them around another "
+        "model's normal scores and threshold",
+    )
     allowed_formats: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"]
     )
@@ -164,6 +195,9 @@ class Settings(BaseSettings):
     @field_validator("method")
     @classmethod
     def _registered_method(cls, value: str) -> str:
+        # imported here: the registry loads the methods (torch); `ddm-anomaly --help` must not wait for it
+        from app.engine.methods import names as method_names
+
         if value not in method_names():
             raise ValueError(f"unknown method {value!r}; registered: {', '.join(method_names())}")
         return value
@@ -173,6 +207,20 @@ class Settings(BaseSettings):
     def _split_formats(cls, value: object) -> object:
         if isinstance(value, str):
             return [v.strip().upper() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("model_instances", mode="before")
+    @classmethod
+    def _auto_instances(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return min(usable_cpus(), 64)  # the field's bound
+        return value
+
+    @field_validator("score_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return sorted(float(v) for v in value.split(",") if v.strip()) or None
         return value
 
     @field_validator("api_keys", "admin_api_keys", mode="before")

@@ -7,7 +7,7 @@ all synthetic images (anomalib's pixel AUROC), at the model's resolution. Per-pi
 reference faces disjoint from the faces that carry patches, as a calibration profile's would.
 
     python benchmarks/heatmap_eval.py --data ../shared/data --reference 300 --synthetic 300 \
-        --json benchmarks/results/heatmaps/2026-12-02-heatmaps.json --figure docs/img/heatmap_examples.png
+        --json benchmarks/results/heatmaps/2026-12-07-heatmaps.json --figure docs/img/heatmap_examples.png
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from app.engine.calibration.heatmap import fit_heatmap_calibration, smooth, standardise
+from app.engine.calibration.heatmap import HeatmapCalibration, fit_heatmap_calibration, smooth, standardise
+from app.engine.calibration.profile import Profile
 from app.engine.explain import heatmap_png
 from app.engine.methods.diffpath_v2 import amplified_error
 from app.engine.methods.path_sums import HEAT_NOISE_RANGE
@@ -50,7 +51,7 @@ def step_maps(scorer: Scorer, images: Sequence[Image.Image], batch_size: int = 3
     """(N, K, H, W) channel-mean maps of every kind, plus today's served heat map (N, H, W)."""
     model, options = scorer.model, scorer.options
     timesteps = trajectory_grid(options.trajectory, len(model.alphas_cumprod), options.steps)
-    out: dict[str, list[np.ndarray]] = {kind: [] for kind in (*MAP_KINDS, "served")}
+    out: dict[str, list[np.ndarray]] = {kind: [] for kind in (*MAP_KINDS, "served", "features")}
     for start in range(0, len(images), batch_size):
         prepared = [scorer.prepare(im) for im in images[start : start + batch_size]]
         x0 = torch.stack([p.tensor for p in prepared]).to(model.device)
@@ -63,7 +64,9 @@ def step_maps(scorer: Scorer, images: Sequence[Image.Image], batch_size: int = 3
                 per_kind["rec"].append((x0 - step.xhat0).abs().mean(1))
         for kind, maps in per_kind.items():
             out[kind].append(torch.stack(maps, 1).float().cpu().numpy())
-        out["served"].append(np.stack([s.heatmap for s in scorer.run(prepared)]))
+        stats = scorer.run(prepared)
+        out["served"].append(np.stack([s.heatmap for s in stats]))
+        out["features"].append(np.stack([s.features for s in stats]))
     return {kind: np.concatenate(chunks) for kind, chunks in out.items()}
 
 
@@ -239,7 +242,46 @@ def product_maps(maps: dict[str, np.ndarray], name: str) -> np.ndarray:
     return maps[f"{name}_amp"][:, mid].mean(1)
 
 
-def product_summary(maps: dict[str, np.ndarray]) -> dict:
+def drawn(calibration: HeatmapCalibration, z: np.ndarray, floors: np.ndarray) -> np.ndarray:
+    """The colour-scale values the service draws: each calibrated map lifted to its image's floor."""
+    return np.stack([calibration.colour_scale(m, f) for m, f in zip(z, floors, strict=True)])
+
+
+def verdict_summary(
+    maps: dict[str, np.ndarray],
+    calibration: HeatmapCalibration,
+    profile: Profile,
+    syn: np.ndarray,
+    normal: np.ndarray,
+) -> dict:
+    """The maps as drawn (explain.verdict_floor: a flagged image's map lifted so its peak is at least
+    ``hot``, mid-scale): pixel AUROC of the drawn values, and whether any flagged image draws its peak
+    below mid-scale; for comparison, the rejected floor that grows with the score (0 at the median normal
+    score, ``hot`` at the threshold, up to twice ``hot``)."""
+    typical = float(np.median(profile.calibration_scores))
+    out: dict = {"threshold": profile.threshold, "typical_score": typical}
+    drawn_sets = {}
+    for name, z in (("syn", syn), ("normal", normal)):
+        scores = profile.score(maps[f"{name}_features"])
+        flagged = scores > profile.threshold
+        drawn_sets[name] = drawn(calibration, z, np.array([calibration.verdict_floor(f) for f in flagged]))
+        peaks = drawn_sets[name].max(axis=(1, 2))
+        out[f"{name}_flagged"] = float(flagged.mean())
+        out[f"{name}_flagged_drawn_below_mid"] = int((peaks[flagged] < 0.5).sum())
+        out[f"{name}_flagged_dark_without_floor"] = int((z.max(axis=(1, 2))[flagged] < calibration.hot).sum())
+    masks, half = maps["masks"], len(maps["masks"]) // 2
+    scores = profile.score(maps["syn_features"])
+    graded = np.clip(
+        calibration.hot * (scores - typical) / (profile.threshold - typical), 0, 2 * calibration.hot
+    )
+    out["pixel_auroc_drawn_score_floor"] = pixel_auroc(drawn(calibration, syn, graded), masks)
+    out["pixel_auroc_drawn"] = pixel_auroc(drawn_sets["syn"], masks)
+    out["pixel_auroc_drawn_report"] = pixel_auroc(drawn_sets["syn"][half:], masks[half:])
+    out["normal_faces_cool_drawn"] = float((drawn_sets["normal"].max(axis=(1, 2)) < 0.5).mean())
+    return out
+
+
+def product_summary(maps: dict[str, np.ndarray], profile: Profile) -> dict:
     """The service's own code path: a profile's calibration fitted on the reference maps, applied to the
     synthetic and normal sets; and whether the engine's served map is the one studied."""
     calibration = fit_heatmap_calibration(product_maps(maps, "ref"))
@@ -250,6 +292,7 @@ def product_summary(maps: dict[str, np.ndarray]) -> dict:
     )
     half = len(masks) // 2
     return {
+        **verdict_summary(maps, calibration, profile, syn, normal),
         "served_map_is_product": bool(
             np.allclose(maps["syn_served"], product_maps(maps, "syn"), rtol=1e-4, atol=1e-7)
         ),
@@ -264,7 +307,7 @@ def product_summary(maps: dict[str, np.ndarray]) -> dict:
     }
 
 
-def figure(maps: dict[str, np.ndarray], path: str, rows: int = 5) -> None:
+def figure(maps: dict[str, np.ndarray], path: str, profile: Profile, rows: int = 5) -> None:
     """Original | served heat map (the PNG the service draws, over the image) | mask, for ``rows``
     synthetic anomalies and two normal faces, on the profile's one colour scale."""
     import matplotlib
@@ -273,6 +316,7 @@ def figure(maps: dict[str, np.ndarray], path: str, rows: int = 5) -> None:
     import matplotlib.pyplot as plt
 
     calibration = fit_heatmap_calibration(product_maps(maps, "ref"))
+    scores = {name: profile.score(maps[f"{name}_features"]) for name in ("syn", "normal")}
     picks = [("patch", i) for i in range(rows)] + [("normal", 0), ("normal", 1)]
     fig, axes = plt.subplots(len(picks), 3, figsize=(6, 2 * len(picks)))
     for row, (kind, i) in enumerate(picks):
@@ -284,7 +328,11 @@ def figure(maps: dict[str, np.ndarray], path: str, rows: int = 5) -> None:
                 np.zeros(maps["normal_images"][i].shape[:2]),
                 product_maps(maps, "normal")[i],
             )
-        png = heatmap_png(raw, (image.shape[1], image.shape[0]), calibration=calibration, opacity=1.0)
+        score = float(scores["syn" if kind == "patch" else "normal"][i])
+        floor = calibration.verdict_floor(score > profile.threshold)
+        png = heatmap_png(
+            raw, (image.shape[1], image.shape[0]), calibration=calibration, opacity=1.0, floor=floor
+        )
         overlay = Image.alpha_composite(Image.fromarray(image).convert("RGBA"), Image.open(io.BytesIO(png)))
         for ax, shown, title in zip(
             axes[row],
@@ -320,10 +368,11 @@ def main() -> None:
     args = p.parse_args()
     maps = collect(args)
     rows = evaluate(maps)
-    product = product_summary(maps)
+    profile = Profile.load(Path(args.model) / "profiles" / "default.json")  # the shipped verdicts
+    product = product_summary(maps, profile)
     print("product", json.dumps(product), flush=True)
     if args.figure:
-        figure(maps, args.figure)
+        figure(maps, args.figure, profile)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(

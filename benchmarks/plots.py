@@ -93,11 +93,14 @@ def service_plot(reports: list[dict], out: Path) -> None:
         ax.set_xticks(clients, [str(c) for c in clients])
         ax.set_xlabel("concurrent single-image clients")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
     lat.set_ylabel("p99 latency, s")
     thr.set_ylabel("images/s")
     thr.set_ylim(0, thr.get_ylim()[1] * 1.1)  # room for the engine line's label
-    fig.tight_layout()
+    # one legend for both panels (same colour = same setting), below them: inside, it covered the curves
+    handles, labels = thr.get_legend_handles_labels()
+    rows = -(-len(labels) // 2)
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, min(0.5, 0.06 * rows + 0.02), 1, 1))
     fig.savefig(out)
     plt.close(fig)
 

@@ -88,10 +88,13 @@ cpu_env=(
   DDM_DEVICE=cpu
   DDM_RUNTIME=auto
   DDM_TORCH_THREADS=1
-  DDM_MODEL_INSTANCES=4
+  DDM_MODEL_INSTANCES=auto
 )
 gpu_env=(
   DDM_DEVICE=cuda
+  DDM_RUNTIME=auto
+  DDM_TORCH_THREADS=2
+  DDM_MODEL_INSTANCES=1
 )
 hardening=(
   --read-only

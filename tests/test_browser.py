@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
@@ -234,3 +235,59 @@ def test_inspection_page_takes_a_dropped_image(browser: webdriver.Chrome, server
     )[0]
     assert card.find_element(By.CSS_SELECTOR, ".verdict").text.lower() == "anomaly"
     assert card.find_element(By.CSS_SELECTOR, "img.heatmap").get_attribute("src").startswith("data:image/png")
+
+
+def test_inspection_page_explains_its_heat_maps(
+    browser: webdriver.Chrome, server: LiveServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The colour legend and the labelled opacity control are on the page; a wide photo (two textures side
+    by side) gets the note that only its centred square was scored, and its flagged map is not dark."""
+    folder = tmp_path_factory.mktemp("ui-wide")
+    left, right = (Image.open(p).convert("RGB") for p in require_data("dtd", 2, start=3))
+    wide = Image.new("RGB", (128, 64))
+    wide.paste(left, (0, 0))
+    wide.paste(right, (64, 0))
+    path = folder / "wide-texture.png"
+    wide.save(path)
+
+    browser.get(f"{server.url}/ui")
+    key = browser.find_element(By.ID, "api-key")
+    key.clear()
+    key.send_keys(KEY)
+    browser.find_element(By.ID, "reload").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "profile").is_enabled(), "profiles")
+    legend = browser.find_element(By.ID, "legend")
+    assert "typical" in legend.text and "threshold" in legend.text
+    assert browser.find_element(By.CSS_SELECTOR, ".legend-bar").size["width"] > 200
+    label = browser.find_element(By.CSS_SELECTOR, 'label[for="opacity"]')
+    assert "Heat-map opacity" in label.text and "60 %" in label.text
+    browser.find_element(By.ID, "files").send_keys(str(path))
+    card = wait_for(
+        browser,
+        lambda d: d.find_elements(By.CSS_SELECTOR, '.result[data-name="wide-texture.png"] .note'),
+        "the centre-square note",
+    )[0]
+    assert "centred 64 × 64 px square of this 128 × 64 px image" in card.text
+    result = browser.find_element(By.CSS_SELECTOR, '.result[data-name="wide-texture.png"]')
+    assert result.get_attribute("data-verdict") == "anomaly"
+    # the map's brightest pixel (inferno's R+G+B rises with the value): 327 at mid-scale, 289 at 0.4
+    brightest = browser.execute_script(BRIGHTEST_SCRIPT, result.find_element(By.CSS_SELECTOR, "img.heatmap"))
+    assert brightest > 300
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "ui-legend-and-texture.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+
+BRIGHTEST_SCRIPT = """
+const img = arguments[0];
+const canvas = document.createElement("canvas");
+canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+const ctx = canvas.getContext("2d");
+ctx.drawImage(img, 0, 0);
+const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+let best = 0;
+for (let i = 0; i < data.length; i += 4) {
+  if (data[i + 3] > 0) best = Math.max(best, data[i] + data[i + 1] + data[i + 2]);
+}
+return best;
+"""

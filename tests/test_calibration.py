@@ -14,7 +14,12 @@ from app.engine.calibration.density import GaussianMixtureDensity
 from app.engine.calibration.fit import fit_profile
 from app.engine.calibration.profile import Profile
 from app.engine.calibration.store import ProfileStore, validate_profile_name
-from app.engine.calibration.thresholds import conformal_threshold
+from app.engine.calibration.thresholds import (
+    conformal_threshold,
+    fpr_interval,
+    fpr_intervals_for,
+    wide_intervals,
+)
 from app.engine.types import ImageStats, MethodOptions
 from app.errors import InvalidInput, ProfileConflict, ProfileMismatch, ProfileNotFound
 
@@ -182,6 +187,52 @@ def test_a_profile_must_use_its_methods_density() -> None:
         Profile.from_dict({**data, "options": {**data["options"], "method": "no-such-method"}})
     with pytest.raises(ProfileMismatch, match="uses gmm"):
         Profile.from_dict({**data, "density": {"kind": "direct"}})
+
+
+def test_each_threshold_records_where_its_true_false_positive_rate_lies() -> None:
+    """The interval is the Beta law of a conformal threshold's exceedance probability: it holds over many
+    reference sets (checked by simulation) and is wide for a rare rate from few images (a warning)."""
+    small = fit_profile("p", normal_features(200), model_id="m@1", options=OPTIONS)
+    low, high = small.fpr_intervals["0.01"]
+    assert low < 0.01 < high and high > 0.02  # 200 images: up to 2.8x the stated 1%
+    assert len(small.warnings()) == 1 and "threshold at 0.01" in small.warnings()[0]
+    assert small.summary()["warnings"] == small.warnings()
+    large = fpr_intervals_for(1200, small.thresholds)  # what a 1,200-image profile records
+    assert wide_intervals(large, 1200) == [] and large["0.01"][1] < 0.02
+    # coverage: the true rate of a 5% threshold from 100 scores, over 400 reference sets of exact normals
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(3)
+    low, high = fpr_interval(100, 0.05)
+    inside = []
+    for _ in range(400):
+        threshold = conformal_threshold(np.sort(rng.normal(size=100)), 0.05)
+        inside.append(low <= norm.sf(threshold) <= high)
+    assert 0.92 <= np.mean(inside) <= 0.98  # a 95% interval
+
+
+def test_profiles_of_format_2_get_their_intervals_on_load() -> None:
+    data = fit_profile("p", normal_features(40), model_id="m@1", options=OPTIONS).to_dict()
+    old = {k: v for k, v in data.items() if k != "fpr_intervals"} | {"format_version": 2}
+    upgraded = Profile.from_dict(old)
+    fitted = Profile.from_dict(data).fpr_intervals
+    assert upgraded.fpr_intervals.keys() == fitted.keys()
+    for key, interval in fitted.items():
+        assert upgraded.fpr_intervals[key] == pytest.approx(interval, abs=1e-6)
+    shipped = Profile.load(
+        Path(__file__).parent.parent / "model_store" / "celeba32-ref" / "profiles" / "default.json"
+    )
+    assert shipped.n_reference == 1200 and shipped.warnings() == []
+    assert shipped.fpr_intervals["0.05"] == pytest.approx((0.0384, 0.0630), abs=1e-4)
+
+
+def test_a_profile_follows_the_weights_not_the_folder_name(tmp_path: Path) -> None:
+    profile = fit_profile("p", normal_features(40), model_id="celeba32-ref@ecaff7b26f72", options=OPTIONS)
+    path = profile.save(tmp_path / "p.json")
+    assert Profile.load(path, "copied-folder@ecaff7b26f72", OPTIONS).name == "p"
+    with pytest.raises(ProfileMismatch, match="made for model"):
+        Profile.load(path, "celeba32-ref@000000000000", OPTIONS)
+    ProfileStore(tmp_path / "store", "renamed@ecaff7b26f72", OPTIONS).save(profile)  # accepted as well
 
 
 # --- profile files: names and writes ---------------------------------------------------------------------

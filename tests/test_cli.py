@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import fcntl
+import io
 import json
+import os
+import pty
+import select
+import struct
+import subprocess
+import sys
+import termios
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +21,7 @@ import pytest
 from PIL import Image
 
 from app.cli import build_parser, main
-from tests.helpers import make_tiny_model
+from tests.helpers import make_tiny_model, require_data
 
 
 def write_images(folder: Path, n: int, kind: str, seed: int) -> Path:
@@ -48,10 +59,50 @@ def test_every_command_explains_itself(capsys: pytest.CaptureFixture[str]) -> No
         assert len(capsys.readouterr().out) > 400
 
 
-def test_calibrate_then_score(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    common = ["--model", str(tiny["model"]), "--device", "cpu", "--steps", "3", "--batch-size", "8"]
-    assert main(["calibrate", *common, "--name", "smooth", "--images", str(tiny["normal"])]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+COMMON = ["--device", "cpu", "--steps", "3", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def smooth_profile(tiny: dict[str, Path]) -> dict:
+    """The 'smooth' profile of the tiny model, fitted once for the module; its summary."""
+    out = io.StringIO()
+    args = [
+        "calibrate",
+        "--model",
+        str(tiny["model"]),
+        *COMMON,
+        "--name",
+        "smooth",
+        "--images",
+        str(tiny["normal"]),
+    ]
+    with redirect_stdout(out):
+        assert main(args) == 0
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def test_help_does_not_load_the_engine() -> None:
+    """``--help`` answers without importing torch (it took 6 s when every command loaded the engine)."""
+    code = (
+        "import sys\n"
+        "from app.cli import main\n"
+        "for argv in ([], ['score'], ['calibrate'], ['evaluate'], ['serve'], ['import', 'ddim']):\n"
+        "    try:\n"
+        "        main([*argv, '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, argv\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_calibrate_then_score(
+    tiny: dict[str, Path], smooth_profile: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--model", str(tiny["model"]), *COMMON]
+    summary = smooth_profile
     assert summary["name"] == "smooth" and summary["n_reference"] == 24
     assert Path(summary["profile"]).is_file()
 
@@ -66,8 +117,48 @@ def test_calibrate_then_score(tiny: dict[str, Path], capsys: pytest.CaptureFixtu
     for line in scored:
         assert set(line) >= {"score", "threshold", "is_anomaly", "percentile", "p_value"}
         # a random tiny model has learnt nothing: only the plumbing is under test here
-        assert line["threshold"] == summary["thresholds"]["0.05"]
+        assert line["threshold"] == round(summary["thresholds"]["0.05"], 3)  # printed rounded
         assert line["is_anomaly"] == (line["score"] > line["threshold"])
+
+
+def test_score_takes_folders_and_globs_and_writes_table_csv_and_heat_maps(
+    tiny: dict[str, Path], smooth_profile: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nested = tiny["odd"].parent / "nested" / "deeper"
+    nested.mkdir(parents=True, exist_ok=True)
+    (nested / "x.png").write_bytes((tiny["odd"] / "000.png").read_bytes())
+    common = ["score", "--model", str(tiny["model"]), *COMMON, "--profile", "smooth"]
+    glob = str(tiny["normal"] / "00[0-2].png")
+    assert main([*common, "--format", "table", str(tiny["odd"]), glob]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].split() == ["image", "score", "threshold", "verdict", "percentile", "p-value"]
+    rows = [line.split() for line in table[2:]]
+    assert len(rows) == 8 + 3  # the folder's 8 images and the glob's 3
+    assert all(r[3] in ("ANOMALY", "normal") and len(r[1].split(".")[1]) == 2 for r in rows)
+
+    maps = tmp_path / "maps"
+    code = main(
+        [*common, "--format", "csv", "-r", "--heatmaps", str(maps), str(tiny["odd"].parent / "nested")]
+    )
+    assert code == 0
+    (row,) = list(csv.DictReader(capsys.readouterr().out.strip().splitlines()))
+    assert row["image"] == str(nested / "x.png") and row["is_anomaly"] in ("True", "False")
+    assert len(row["score"].split(".")[1]) <= 3  # rounded, not 15 decimals
+    with Image.open(maps / "x.heatmap.png") as overlay:
+        assert overlay.size == (24, 24)  # the image with its map over it, at the image's size
+
+    assert (
+        main([*common, "--format", "csv", str(tiny["odd"] / "no-such-*.png")]) == 1
+    )  # a glob matching nothing
+    assert "no-such-*.png" in capsys.readouterr().out
+
+
+def test_a_missing_model_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["score", "--model", str(tmp_path / "nowhere"), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "nowhere" in err and "Traceback" not in err
 
 
 def test_evaluate_writes_table_json_and_plots(
@@ -115,3 +206,45 @@ def test_flags_come_from_the_settings_vocabulary() -> None:
         if typing.get_origin(annotation) is typing.Literal:
             assert tuple(actions[name].choices) == typing.get_args(annotation), name
     assert settings_from_args(engine.parse_args(["--method", "diffpath-6d", "--steps", "4"])).steps == 4
+
+
+@pytest.mark.slow
+def test_score_from_another_folder_finds_the_shipped_model_and_shows_progress(tmp_path: Path) -> None:
+    """A user away from the repository: ``ddm-anomaly score DIR --format table`` with no --model, stderr a
+    terminal (a pseudo-terminal here) so the progress bar draws; faces normal, textures and digits not."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for kind in ("celeba", "dtd", "mnist"):
+        for path in require_data(kind, 2):
+            (folder / f"{kind}-{path.name}").write_bytes(path.read_bytes())
+    script = Path(sys.executable).with_name("ddm-anomaly")
+    primary, secondary = pty.openpty()
+    # a terminal 120 columns wide (a fresh pseudo-terminal has 0, where tqdm draws nothing)
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    try:
+        done = subprocess.run(
+            [str(script), "score", str(folder), "--format", "table"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+            text=True,
+            timeout=300,
+        )
+        os.close(secondary)
+        terminal = b""
+        while select.select([primary], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the other end closed
+                break
+            if not chunk:
+                break
+            terminal += chunk
+    finally:
+        os.close(primary)
+    assert done.returncode == 0, terminal.decode(errors="replace")
+    assert b"scoring: 100%" in terminal and b"6/6" in terminal
+    verdicts = {line.split()[0]: line.split()[3] for line in done.stdout.strip().splitlines()[2:]}
+    assert len(verdicts) == 6
+    for image, verdict in verdicts.items():
+        assert verdict == ("normal" if "celeba-" in image else "ANOMALY"), image

@@ -487,8 +487,9 @@ def test_compose_and_k8s_name_the_images_the_dockerfile_builds(
     """Tags are <version>-cpu and <version>-gpu-<CUDA flavour>, the Dockerfile's default flavour."""
     global_args, _ = dockerfile
     version, default = pyproject_version(), global_args["CUDA_FLAVOUR"]
-    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    gpu, cpu = services["api-gpu"], services["api-cpu"]
+    cpu = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api"]
+    override = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]["api"]
+    gpu = {**override, "build": {"args": {**cpu["build"]["args"], **override["build"]["args"]}}}
     assert gpu["image"] == f"ddm-anomaly:{version}-gpu-${{DDM_CUDA_FLAVOUR:-{default}}}"
     assert gpu["build"]["args"]["CUDA_FLAVOUR"] == f"${{DDM_CUDA_FLAVOUR:-{default}}}"
     assert cpu["image"] == f"ddm-anomaly:{version}-cpu" and "CUDA_FLAVOUR" not in cpu["build"]["args"]
@@ -584,11 +585,12 @@ def compose_default(value: Any) -> str:
 
 def test_image_smoke_runs_the_container_as_compose_does() -> None:
     script = SMOKE.read_text()
-    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    cpu = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api"]
+    override = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]["api"]
+    gpu = {**cpu, "environment": {**cpu["environment"], **override["environment"]}}  # as compose merges
     hardening = " ".join(bash_array(script, "hardening"))
     common = bash_array(script, "common_env")
-    for variant in ("cpu", "gpu"):
-        service = services[f"api-{variant}"]
+    for variant, service in (("cpu", cpu), ("gpu", gpu)):
         assert service["read_only"] is True and "--read-only" in hardening
         for path in service["tmpfs"]:
             assert f"--tmpfs {path}" in hardening, path

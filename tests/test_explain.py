@@ -87,6 +87,33 @@ def test_colour_scale_is_anchored_to_hot() -> None:
     np.testing.assert_allclose(colours, [[0.0, 0.5], [1.0, 0.0]])
 
 
+def test_only_a_flagged_image_gets_a_floor_and_it_is_the_threshold_colour() -> None:
+    cal = HeatmapCalibration(np.zeros((2, 2)), np.ones((2, 2)), hot=2.0, sigma=0.0)
+    assert cal.verdict_floor(True) == 2.0 and cal.verdict_floor(False) == 0.0
+    flat = np.array([[0.1, 0.3], [0.2, -1.0]])
+    assert cal.colour_scale(flat, cal.verdict_floor(True)).max() == pytest.approx(0.5)  # mid-scale
+    np.testing.assert_allclose(cal.colour_scale(flat, cal.verdict_floor(False)), cal.colour_scale(flat))
+
+
+def test_a_floor_lifts_a_flat_map_keeping_its_shape_and_never_lowers_a_hot_one() -> None:
+    cal = HeatmapCalibration(np.zeros((2, 2)), np.ones((2, 2)), hot=2.0, sigma=0.0)
+    flat = np.array([[0.1, 0.3], [0.2, -1.0]])  # a whole-image anomaly with no region standing out
+    lifted = cal.colour_scale(flat, floor=2.0)
+    assert lifted.max() == pytest.approx(0.5)  # its hottest pixel at mid-scale ...
+    np.testing.assert_allclose(lifted - lifted.max(), (flat - flat.max()) / 4.0)  # ... the rest as before
+    hot = np.array([[0.0, 3.0], [0.0, 0.0]])
+    np.testing.assert_allclose(cal.colour_scale(hot, floor=2.0), cal.colour_scale(hot))
+
+
+def test_a_flagged_whole_image_anomaly_draws_bright() -> None:
+    cal = fit_heatmap_calibration(reference_maps(), sigma=0.0)
+    typical = np.exp(np.linspace(-2.0, 1.0, 8))[None, :].repeat(8, 0)  # no pixel above its reference level
+    floor = cal.verdict_floor(is_anomaly=True)
+    dark = np.asarray(decode(heatmap_png(typical, (8, 8), calibration=cal)))[..., :3].astype(int)
+    lit = np.asarray(decode(heatmap_png(typical, (8, 8), calibration=cal, floor=floor)))[..., :3].astype(int)
+    assert dark.sum(-1).max() < 200 and lit.sum(-1).max() > 300  # inferno's mid-scale: R+G+B 327
+
+
 def test_smoothing_spreads_a_single_hot_pixel_but_keeps_it_the_peak() -> None:
     spike = np.zeros((9, 9))
     spike[4, 4] = 1.0

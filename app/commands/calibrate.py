@@ -6,11 +6,7 @@ import argparse
 import json
 import sys
 
-from app.bootstrap import apply_thread_policy
 from app.commands.common import add_engine_args, load_scorer, profiles_dir, settings_from_args
-from app.engine.calibration.choice import calibrate_profile
-from app.engine.calibration.store import ProfileStore, validate_profile_name
-from app.offline.datasets import folder_statistics, list_images
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from app.bootstrap import apply_thread_policy
+    from app.engine.calibration.choice import calibrate_profile
+    from app.engine.calibration.store import ProfileStore, validate_profile_name
+    from app.offline.datasets import folder_statistics, list_images
+
     validate_profile_name(args.name)
     settings = settings_from_args(args)
     apply_thread_policy(settings)
@@ -63,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     )
     store = ProfileStore(profiles_dir(settings), scorer.info.model_id, scorer.options)
     path = store.save(profile, overwrite=args.overwrite)
+    for warning in profile.warnings():  # also in the summary's "warnings"
+        print(f"warning: {warning}", file=sys.stderr)
     json.dump({"profile": str(path), **profile.summary()}, sys.stdout)
     sys.stdout.write("\n")
     return 0

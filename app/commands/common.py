@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from app.bootstrap import engine_from_settings
 from app.commands.setting_flags import add_setting_flags, overrides
-from app.engine.scorer import Scorer
-from app.engine.types import MethodOptions
 from app.settings import Settings
+
+if TYPE_CHECKING:  # the engine (torch) loads when a command runs, not to print --help
+    from app.engine.scorer import Scorer
+    from app.engine.types import MethodOptions
 
 # Settings the model-loading commands take as flags (choices, types and help from Settings)
 ENGINE_FLAGS = ("device", "dtype", "runtime", "method", "steps", "aggregation", "trajectory")
@@ -31,6 +32,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def load_scorer(settings: Settings, options: MethodOptions | None = None, warmup: bool = False) -> Scorer:
+    from app.bootstrap import engine_from_settings
+
     scorer = engine_from_settings(settings, options)
     scorer.load(warmup_batch=2 if warmup else 0)
     return scorer

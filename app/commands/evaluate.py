@@ -8,17 +8,16 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from app.bootstrap import apply_thread_policy, options_from_settings
 from app.commands.common import add_engine_args, load_scorer, settings_from_args
-from app.engine.calibration.fit import fit_profile
-from app.engine.methods import METHODS
-from app.engine.scorer import Scorer
-from app.offline.datasets import feature_matrix, folder_statistics, list_images
-from app.offline.evaluation import PairResult, detection_metrics, format_table, plot_roc_and_histograms
 from app.settings import Settings
+
+if TYPE_CHECKING:  # the engine (torch) loads when the command runs, not to print --help
+    import numpy as np
+
+    from app.engine.scorer import Scorer
+    from app.offline.evaluation import PairResult
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--exclude-from-mean", nargs="*", metavar="SET", help="also report the mean AUROC without these sets"
     )
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to compare")
+    p.add_argument(
+        "--methods", nargs="+", help="methods to compare (default: every shipped method; METHOD.md)"
+    )
     p.add_argument("--limit", type=int, help="at most N images per scored set (seeded choice)")
     p.add_argument("--fit-limit", type=int, default=2000, help="at most M fitting images (default 2000)")
     p.add_argument("--json", required=True, type=Path, help="output JSON file")
@@ -84,6 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def split_id_and_fit(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
     """ID test images and fitting images, never overlapping."""
+    from app.offline.datasets import list_images
+
     if args.fit:
         fit = [p for folder in args.fit for p in list_images(folder, seed=0)]
         fit_set = {p.resolve() for p in fit}
@@ -98,6 +101,8 @@ def split_id_and_fit(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
 def cache_file(
     folder: Path | None, scorer: Scorer, settings: Settings, methods: list[str], paths: list[Path]
 ) -> Path | None:
+    from app.bootstrap import options_from_settings
+
     if folder is None:
         return None
     key = {
@@ -116,6 +121,16 @@ def run(args: argparse.Namespace) -> int:
         return run_matrix(args)
     if args.id is None or not args.ood:
         raise SystemExit("evaluate: --id and --ood are required (or --matrix SET=DIR ...)")
+    from app.bootstrap import apply_thread_policy, options_from_settings
+    from app.engine.methods import METHODS, names
+    from app.offline.datasets import list_images
+    from app.offline.evaluation import format_table, plot_roc_and_histograms
+
+    args.methods = args.methods or list(METHODS)
+    if unknown := sorted(set(args.methods) - set(names())):
+        raise SystemExit(
+            f"evaluate: unknown method(s) {', '.join(unknown)}; registered: {', '.join(names())}"
+        )
     settings = settings_from_args(args)
     apply_thread_policy(settings)
     scorer = load_scorer(settings, options_from_settings(settings, args.methods[0]))
@@ -130,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     features, n_images = set_features(args, scorer, settings, sets)
     seconds = time.perf_counter() - started
-    scores, results = compare_methods(args, scorer, settings, features, id_name)
+    scores, results, thresholds = compare_methods(args, scorer, settings, features, id_name)
 
     print(format_table(results))
     per_image = seconds / max(n_images, 1)
@@ -149,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     }
     args.json.write_text(json.dumps(report, indent=2))
     if not args.no_plots:
-        for path in plot_roc_and_histograms(scores, id_name, args.json.with_suffix("")):
+        for path in plot_roc_and_histograms(scores, id_name, args.json.with_suffix(""), thresholds):
             print(f"wrote {path}")
     return 0
 
@@ -159,6 +174,10 @@ def set_features(
 ) -> tuple[dict[str, dict[str, np.ndarray]], int]:
     """{method: {set name: feature matrix}} for every set (from the --cache when it has the set), and the
     number of images the model computed."""
+    import numpy as np
+
+    from app.offline.datasets import feature_matrix, folder_statistics
+
     n_images = 0
     features: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
     for name, paths in sets.items():
@@ -184,15 +203,22 @@ def compare_methods(
     settings: Settings,
     features: dict[str, dict[str, np.ndarray]],
     id_name: str,
-) -> tuple[dict[str, dict[str, np.ndarray]], list[PairResult]]:
-    """Each method fitted on the fitting set: its scores of every scored set, and ID vs each OOD set."""
+) -> tuple[dict[str, dict[str, np.ndarray]], list[PairResult], dict[str, tuple[float, float]]]:
+    """Each method fitted on the fitting set: its scores of every scored set, ID vs each OOD set, and its
+    profile's deciding (false-positive rate, threshold)."""
+    from app.bootstrap import options_from_settings
+    from app.engine.calibration.fit import fit_profile
+    from app.offline.evaluation import PairResult, detection_metrics
+
     scores: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
     results: list[PairResult] = []
+    thresholds: dict[str, tuple[float, float]] = {}
     for m in args.methods:
         options = options_from_settings(settings, m)
         profile = fit_profile(
             f"eval-{m}", features[m]["__fit__"], model_id=scorer.info.model_id, options=options
         )
+        thresholds[m] = (profile.default_fpr, profile.threshold)
         for name in features[m]:
             if name != "__fit__":
                 scores[m][name] = profile.score(features[m][name])
@@ -203,4 +229,4 @@ def compare_methods(
                     m, id_name, name, auroc, aupr, fpr95, len(scores[m][id_name]), len(scores[m][name])
                 )
             )
-    return scores, results
+    return scores, results, thresholds

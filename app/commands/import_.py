@@ -10,8 +10,6 @@ import logging
 import sys
 from pathlib import Path
 
-from app.engine.model.importers import CheckpointImportError
-
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     idf.add_argument("checkpoint", type=Path, help="the .pt file")
     which = idf.add_mutually_exclusive_group(required=True)
     which.add_argument("--flags", type=Path, help="JSON object of improved-diffusion flags")
-    which.add_argument("--preset", choices=_presets(), help="known model: its flags and input transform")
+    # no argparse choices: listing the presets loads torch, and --help must not wait for it; an unknown
+    # preset is refused with the list when the command runs
+    which.add_argument("--preset", help="known model: its flags and input transform (diffpath-celeba32)")
     _common(idf)
     idf.set_defaults(func=run_improved_diffusion)
 
@@ -59,12 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _common(ddim)
     ddim.set_defaults(func=run_ddim)
-
-
-def _presets() -> list[str]:
-    from app.engine.model.importers.improved_diffusion import PRESETS
-
-    return sorted(PRESETS)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -87,7 +81,7 @@ def _fail(exc: Exception) -> int:
 
 
 def run_improved_diffusion(args: argparse.Namespace) -> int:
-    from app.engine.model.importers import improved_diffusion
+    from app.engine.model.importers import CheckpointImportError, improved_diffusion
 
     try:
         flags = improved_diffusion.read_flags(args.flags) if args.flags else None
@@ -100,7 +94,7 @@ def run_improved_diffusion(args: argparse.Namespace) -> int:
 
 
 def run_ddim(args: argparse.Namespace) -> int:
-    from app.engine.model.importers import ddim
+    from app.engine.model.importers import CheckpointImportError, ddim
 
     try:
         config = ddim.read_config(args.config)

@@ -14,15 +14,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from app.engine.methods import names as method_names
 from app.settings import Settings
 
 
 def choices(field: str) -> tuple[str, ...] | None:
-    """The values a setting allows: the method registry's names for ``method`` (methods are plug-ins, not a
-    Literal), a Literal's values, else None."""
-    if field == "method":
-        return method_names()
+    """The values a setting allows: a Literal's values, else None. ``method`` names a plug-in of the method
+    registry, which loads torch: Settings checks it (naming the registered ones), so ``--help`` stays fast."""
     annotation = Settings.model_fields[field].annotation
     if typing.get_origin(annotation) is typing.Literal:
         return tuple(typing.get_args(annotation))

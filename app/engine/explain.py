@@ -15,6 +15,8 @@ from matplotlib import colormaps
 from PIL import Image
 
 from app.engine.calibration.heatmap import HeatmapCalibration
+from app.engine.calibration.profile import Profile
+from app.engine.types import Verdict
 
 DEFAULT_COLORMAP = "inferno"
 
@@ -31,6 +33,12 @@ def normalise(heatmap: np.ndarray) -> np.ndarray:
     return np.where(finite, (arr - lo) / (hi - lo), 0.0)
 
 
+def verdict_floor(profile: Profile, verdict: Verdict) -> float:
+    """The floor (``HeatmapCalibration.verdict_floor``) that makes an image's map agree with its verdict:
+    0 for a profile without heat-map statistics (those maps are stretched per image anyway)."""
+    return 0.0 if profile.heatmap is None else profile.heatmap.verdict_floor(verdict.is_anomaly)
+
+
 def heatmap_png(
     heatmap: np.ndarray,
     source_size: tuple[int, int],
@@ -40,6 +48,7 @@ def heatmap_png(
     colormap: str = DEFAULT_COLORMAP,
     opacity: float = 0.8,
     calibration: HeatmapCalibration | None = None,
+    floor: float = 0.0,
 ) -> bytes:
     """Colour PNG (RGBA) of an (H, W) heat map, upsampled onto the region of the source the model saw.
 
@@ -49,6 +58,8 @@ def heatmap_png(
     is cut off); None = the largest centred square. With a profile's ``calibration`` the colours are on
     the profile's one scale (a normal image is dark, the threshold-equivalent mid-scale); without one
     (profiles fitted before heat-map statistics existed) each map is stretched between its own min and max.
+    ``floor`` lifts the map so its hottest pixel is drawn at least there (``verdict_floor``: a flagged
+    image never draws dark).
     """
     width, height = source_size
     scale = min(1.0, max_side / max(width, height, 1))
@@ -60,7 +71,9 @@ def heatmap_png(
         left, top, right, bottom = (round(v * scale) for v in box)
         size, offset = (max(1, right - left), max(1, bottom - top)), (left, top)
     colours = (
-        normalise(heatmap) if calibration is None else calibration.colour_scale(calibration.apply(heatmap))
+        normalise(heatmap)
+        if calibration is None
+        else calibration.colour_scale(calibration.apply(heatmap), floor)
     )
     rgba = (colormaps[colormap](colours) * 255.0 + 0.5).astype(np.uint8)
     rgba[..., 3] = round(255 * opacity)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import random
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,26 @@ def list_images(folder: str | Path, limit: int | None = None, seed: int | None =
     if seed is not None:
         random.Random(seed).shuffle(files)
     return files[:limit] if limit else files
+
+
+def expand_images(specs: Sequence[str], recursive: bool = False) -> list[Path]:
+    """Files, folders (their images; with ``recursive``, every sub-folder's too) and glob patterns (``**``
+    crosses folders when ``recursive``) -> image files in the order given, each once. A name that matches
+    nothing is kept, so the caller reports it as unreadable instead of silently scoring fewer images."""
+    out: dict[Path, None] = {}
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = path.rglob("*") if recursive else path.iterdir()
+            matches = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif not path.exists() and any(ch in spec for ch in "*?["):
+            found_glob = glob.glob(spec, recursive=recursive)
+            matches = sorted(Path(p) for p in found_glob if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            matches = [p for p in matches if p.is_file()] or [path]
+        else:
+            matches = [path]
+        out.update(dict.fromkeys(matches))
+    return list(out)
 
 
 def _prepared_batches(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -56,9 +57,14 @@ def format_table(results: list[PairResult]) -> str:
 
 
 def plot_roc_and_histograms(
-    scores: dict[str, dict[str, np.ndarray]], id_name: str, out_prefix: Path
+    scores: dict[str, dict[str, np.ndarray]],
+    id_name: str,
+    out_prefix: Path,
+    thresholds: dict[str, tuple[float, float]] | None = None,
 ) -> list[Path]:
-    """ROC curves (one panel per method) and score histograms; ``scores[method][set_name]``."""
+    """ROC curves (one panel per method) and score histograms; ``scores[method][set_name]``;
+    ``thresholds[method]`` = (false-positive rate, threshold) marks the deciding threshold on both."""
+    thresholds = thresholds or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,6 +83,9 @@ def plot_roc_and_histograms(
             fpr, tpr, _ = roc_curve(y, s)
             ax.plot(fpr, tpr, label=f"{name} ({roc_auc_score(y, s):.3f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        if method in thresholds:
+            rate = thresholds[method][0]
+            ax.axvline(rate, color="k", ls="--", lw=0.8, label=f"profile threshold ({rate:g} FPR)")
         ax.set(title=method, xlabel="FPR (ID flagged)", ylabel="TPR (OOD flagged)")
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -89,19 +98,69 @@ def plot_roc_and_histograms(
     for ax, method in zip(axes[0], methods, strict=True):
         finite = np.concatenate([v[np.isfinite(v)] for v in scores[method].values()])
         lo, hi = np.percentile(finite, [0.5, 99.5]) if len(finite) else (0.0, 1.0)
-        bins = np.linspace(lo, hi, 50)
+        # linear across the normal scores and the threshold, logarithmic beyond: anomalies score up to ten
+        # times further out, and one linear axis squeezed the normal images into a single bin
+        ids = scores[method][id_name]
+        linear_to = float(np.percentile(ids[np.isfinite(ids)], 95)) if np.isfinite(ids).any() else hi
+        if method in thresholds:
+            linear_to = max(linear_to, thresholds[method][1])
+        linear_to += 0.5 * (linear_to - lo)
+        bins = np.linspace(lo, min(linear_to, hi), 30)
+        if hi > linear_to:
+            forward, inverse = _compressed_beyond(linear_to, (linear_to - lo) / 4)
+            bins = np.r_[bins, inverse(np.linspace(forward(linear_to), forward(hi), 16))[1:]]
+            ax.set_xscale("function", functions=(forward, inverse))
+            ax.set_xticks(_spread_ticks(lo, hi, linear_to, forward))
         for name, vals in scores[method].items():
+            kept = np.clip(vals[np.isfinite(vals)], lo, hi)
             ax.hist(
-                np.clip(vals[np.isfinite(vals)], lo, hi), bins=bins, histtype="step", density=True, label=name
+                kept,
+                bins=bins,
+                histtype="step",
+                weights=np.full(len(kept), 1 / max(len(kept), 1)),
+                label=name,
             )
-        ax.set(title=method, xlabel="anomaly score")
-        ax.legend(fontsize=7)
+        if method in thresholds:
+            rate, value = thresholds[method]
+            ax.axvline(value, color="k", ls="--", lw=1, label=f"threshold {value:.1f} ({rate:g} FPR)")
+        ax.set(title=method, xlabel="anomaly score (log scale past the normal ones)")
+        ax.set_ylabel("share of the set's images")
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     hist_path = out_prefix.with_name(out_prefix.name + "_hist.png")
     fig.savefig(hist_path, dpi=110)
     plt.close(fig)
     paths.append(hist_path)
     return paths
+
+
+def _compressed_beyond(edge: float, scale: float) -> tuple[Any, Any]:
+    """An axis linear up to ``edge`` and logarithmic beyond it (x -> edge + scale * log1p((x - edge) /
+    scale)), and its inverse: the normal scores keep their resolution, the far tail still fits."""
+
+    def forward(x: Any) -> Any:
+        x = np.asarray(x, dtype=float)
+        return np.where(x <= edge, x, edge + scale * np.log1p(np.maximum(x - edge, 0) / scale))
+
+    def inverse(y: Any) -> Any:
+        y = np.asarray(y, dtype=float)
+        return np.where(y <= edge, y, edge + scale * np.expm1(np.maximum(y - edge, 0) / scale))
+
+    return forward, inverse
+
+
+def _spread_ticks(lo: float, hi: float, edge: float, forward: Any) -> list[float]:
+    """Ticks of the compressed axis: round tens across the linear part, 1-2-5 steps beyond ``edge``, at
+    least a tenth of the axis apart."""
+    step = 10.0 ** np.floor(np.log10(max(edge - lo, 1e-9)))
+    linear = list(np.arange(np.ceil(lo / step) * step, edge + 1e-9, step))
+    beyond = [v * 10.0**e for e in range(-2, 7) for v in (1, 2, 5) if edge < v * 10.0**e <= hi]
+    width = float(forward(hi) - forward(lo)) or 1.0
+    ticks: list[float] = []
+    for c in [*linear, *beyond]:
+        if not ticks or float(forward(c) - forward(ticks[-1])) >= 0.1 * width:
+            ticks.append(float(c))
+    return ticks
 
 
 def plot_matrix(rows: dict[str, dict], path: Path) -> Path:

@@ -9,14 +9,28 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from app.service.batch_observer import ImageOutcome
 
 # Multi-second requests on CPU: buckets reach two minutes.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
-SCORE_BUCKETS = (-50, -20, -10, -5, 0, 2.5, 5, 7.5, 10, 15, 20, 30, 50, 100, 1000)
+# Scores of the shipped model: normal faces -38 to -12 (1st to 99th percentile, median -33), the default
+# threshold -22, anomalies far above.
+# 2.5-wide buckets across that region resolve where the threshold cuts (DDM_SCORE_BUCKETS for other models).
+SCORE_BUCKETS = (
+    -60, -50, -45, -40, -37.5, -35, -32.5, -30, -27.5, -25, -22.5, -20, -17.5, -15, -10, -5,
+    0, 10, 20, 50, 100, 200, 500, 1000,
+)  # fmt: skip
+# The routes that score images: the error ratio and latency panels are over these only (health probes,
+# /metrics scrapes and the pages would dilute them); their 5xx series exist from start-up at 0.
+SCORING_ENDPOINTS = (
+    "/v1/score",
+    "/v2/models/{model_name}/infer",
+    "/v2/models/{model_name}/versions/{model_version}/infer",
+)
+STATIC_ENDPOINT = "static"  # the label of every file under the pages' static mounts (bounded: one value)
 
 VERDICTS = ("normal", "anomaly", "non_finite")  # anomaly_verdicts_total{verdict}
 REFUSAL_REASONS = (
@@ -38,14 +52,22 @@ REFUSAL_REASONS = (
 class Metrics:
     """Named collectors. Names and labels here are the contract the dashboards and alerts are built on."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, score_buckets: Sequence[float] = SCORE_BUCKETS
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._http_collectors(self.registry)
         self._batch_collectors(self.registry)
         self._device_collectors(self.registry)
-        self._verdict_collectors(self.registry)
+        self._verdict_collectors(self.registry, score_buckets)
+        # process_cpu_seconds_total, process_resident_memory_bytes, open fds ... (Linux /proc; none elsewhere)
+        self.process = ProcessCollector(registry=self.registry)
+        # series a dashboard divides or sums exist from start-up at 0, so a healthy service reads 0, not
+        # "no data"
         for reason in REFUSAL_REASONS:
             self.refusals.labels(reason=reason)
+        for endpoint in SCORING_ENDPOINTS:
+            self.requests.labels(endpoint=endpoint, code="500")
 
     def _http_collectors(self, r: CollectorRegistry) -> None:
         """Requests as the HTTP layer sees them: counts, refusals, latency, in flight."""
@@ -119,13 +141,13 @@ class Metrics:
         )
         self.ready = Gauge("anomaly_ready", "1 when the model is loaded and warmed up", registry=r)
 
-    def _verdict_collectors(self, r: CollectorRegistry) -> None:
+    def _verdict_collectors(self, r: CollectorRegistry, score_buckets: Sequence[float]) -> None:
         """What the profiles judged: scores, verdicts, the expected false-positive rate."""
         self.scores = Histogram(
             "anomaly_score",
             "Anomaly scores (-log density) by profile",
             ["profile"],
-            buckets=SCORE_BUCKETS,
+            buckets=tuple(score_buckets),
             registry=r,
         )
         self.verdicts = Counter("anomaly_verdicts", "Verdicts by profile", ["profile", "verdict"], registry=r)

@@ -84,6 +84,8 @@ class ProfileAdmin:
             self._creating.discard(key)
             self._new.discard(key)
         log.info("calibration profile %r created from %d images", name, len(images))
+        for warning in profile.warnings():  # the response's "warnings" says the same to the client
+            log.warning("calibration profile %r: %s", name, warning)
         return profile
 
     async def delete(self, store: ProfileStore, name: str) -> None:

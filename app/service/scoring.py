@@ -21,7 +21,7 @@ from app.bootstrap import engine_from_settings
 from app.engine.calibration.profile import Profile
 from app.engine.calibration.store import ProfileStore, validate_profile_name
 from app.engine.calibration.thresholds import DEFAULT_FPRS
-from app.engine.explain import heatmap_png
+from app.engine.explain import heatmap_png, verdict_floor
 from app.engine.preprocessing import PreparedImage, declared_pixels
 from app.engine.types import ImageStats, MethodOptions, ModelInfo, Verdict
 from app.errors import (
@@ -213,8 +213,10 @@ class ScoringService:
         if explain:
             side = self.settings.heatmap_max_side
             draw = partial(heatmap_png, max_side=side, calibration=calibration.heatmap)  # the profile's scale
-            jobs = [partial(draw, s.heatmap, p.source_size, box=p.crop_box)
-                    for s, p in zip(done.outputs, prepared, strict=True)]  # fmt: skip
+            # each map lifted to its image's verdict (explain.verdict_floor): a flagged image never draws dark
+            floors = [verdict_floor(calibration, v) for v in verdicts]
+            jobs = [partial(draw, s.heatmap, p.source_size, box=p.crop_box, floor=f)
+                    for s, p, f in zip(done.outputs, prepared, floors, strict=True)]  # fmt: skip
             pngs = await self._decoder.run(jobs, bounded=False)  # admitted work: never refused now
             for png in pngs:
                 if isinstance(png, BaseException):

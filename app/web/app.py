@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from app import __version__
-from app.service.metrics import Metrics
+from app.service.metrics import SCORE_BUCKETS, Metrics
 from app.service.scoring import Engine, ScoringService
 from app.settings import Settings
 from app.web.deps import open_profile_creation
@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     """Build the ASGI app. The model loads on a background thread when the app starts (lifespan), so
     ``/livez`` answers at once and ``/readyz`` turns 200 after warm-up; shutdown drains the queue."""
     settings = settings if settings is not None else Settings()  # type: ignore[call-arg]  # from env
-    metrics = Metrics(CollectorRegistry())
+    metrics = Metrics(CollectorRegistry(), score_buckets=settings.score_buckets or SCORE_BUCKETS)
     service = ScoringService(settings, metrics, engine)
 
     @asynccontextmanager

@@ -17,11 +17,12 @@ import time
 import uuid
 from collections.abc import Callable
 
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import log_format
 from app.errors import PayloadTooLarge
-from app.service.metrics import Metrics
+from app.service.metrics import STATIC_ENDPOINT, Metrics
 from app.web.errors import error_response
 from app.web.http_limits import MAX_HEADER_FIELDS
 
@@ -87,7 +88,9 @@ class RequestContext:
 
     def _count(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")
-        endpoint = getattr(route, "path", None) or "unmatched"
+        endpoint = getattr(route, "path", None) or (
+            STATIC_ENDPOINT if isinstance(scope.get("endpoint"), StaticFiles) else "unmatched"
+        )
         self.metrics.requests.labels(endpoint=endpoint, code=str(status)).inc()
         self.metrics.request_latency.labels(endpoint=endpoint).observe(seconds)
 

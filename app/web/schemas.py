@@ -224,6 +224,16 @@ class ProfileSummary(BaseModel):
     density: str
     options: dict[str, Any]
     source: str = ""
+    fpr_intervals: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="per threshold (keyed like thresholds): the 95% interval of its true false-positive "
+        "rate on new normal images, from the number of reference images",
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="thresholds whose true false-positive rate may be over twice the stated one (too few "
+        "reference images for that rate)",
+    )
 
 
 class RefusedProfile(BaseModel):

@@ -9,7 +9,14 @@ import numpy as np
 
 from app.engine.calibration.heatmap import fit_heatmap_calibration
 from app.engine.calibration.profile import Profile, density_for
-from app.engine.calibration.thresholds import DEFAULT_FPRS, cross_fitted_scores, thresholds_for, validate_fprs
+from app.engine.calibration.thresholds import (
+    DEFAULT_FPRS,
+    cross_fitted_scores,
+    fpr_intervals_for,
+    fpr_key,
+    thresholds_for,
+    validate_fprs,
+)
 from app.engine.methods.aggregations import expert_blocks
 from app.engine.types import MethodOptions
 from app.errors import InvalidInput
@@ -76,4 +83,5 @@ def fit_profile(
         source=source,
         heatmap=None if heatmaps is None else fit_heatmap_calibration(heatmaps, fpr=default_fpr),
         selection=selection,
+        fpr_intervals=fpr_intervals_for(len(scores), (fpr_key(f) for f in fprs)),
     )

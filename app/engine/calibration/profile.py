@@ -35,18 +35,21 @@ from app.engine.calibration.density import (
     GaussianMixtureDensity,
 )
 from app.engine.calibration.heatmap import HeatmapCalibration
-from app.engine.calibration.thresholds import fpr_key, verdict
+from app.engine.calibration.thresholds import fpr_intervals_for, fpr_key, verdict, wide_intervals
 from app.engine.types import ImageStats, MethodOptions, Verdict
 from app.errors import ProfileMismatch
 
 if TYPE_CHECKING:
     from app.engine.methods.base import Method
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # MIGRATIONS[v] upgrades a version-v document to version v + 1; ``from_dict`` applies them in turn.
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: lambda d: {**d, "heatmap": None},  # 2 adds heat-map statistics; older profiles draw maps uncalibrated
-    2: lambda d: {**d, "selection": None},  # 3 records how the features were chosen; older ones were given
+    # 3 adds each threshold's false-positive-rate interval: a function of the number of calibration scores
+    # and the rate alone, so older profiles get exactly the values a refit would record
+    2: lambda d: {**d, "fpr_intervals": fpr_intervals_for(len(d["calibration_scores"]), d["thresholds"])},
+    3: lambda d: {**d, "selection": None},  # 4 records how the features were chosen; older ones were given
 }
 MAX_PROFILE_BYTES = 8 * 1024 * 1024
 TEMP_SUFFIX = ".tmp"  # ``.<name>.json.<random>.tmp`` while a profile is written
@@ -67,6 +70,8 @@ class Profile:
     # per-pixel statistics of the reference images' heat maps (calibration/heatmap.py); None: fitted
     # before they existed, heat maps are then drawn each on its own scale
     heatmap: HeatmapCalibration | None = None
+    # str(fpr) -> (low, high): where each threshold's true false-positive rate lies (thresholds.fpr_interval)
+    fpr_intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     # how the features were chosen from the normal images (calibration/choice.py ``Choice.to_dict``);
     # None when they were named explicitly
     selection: dict[str, Any] | None = None
@@ -113,8 +118,13 @@ class Profile:
             "density": self.density.to_dict(),
             "calibration_scores": self.calibration_scores.tolist(),
             "heatmap": None if self.heatmap is None else self.heatmap.to_dict(),
+            "fpr_intervals": {k: [round(lo, 6), round(hi, 6)] for k, (lo, hi) in self.fpr_intervals.items()},
             "selection": self.selection,
         }
+
+    def warnings(self) -> list[str]:
+        """Thresholds too uncertain for their rate (thresholds.wide_intervals): few reference images."""
+        return wide_intervals(self.fpr_intervals, len(self.calibration_scores))
 
     def summary(self) -> dict[str, Any]:
         d = self.to_dict()
@@ -124,6 +134,7 @@ class Profile:
             None if self.heatmap is None else {"hot": self.heatmap.hot, "sigma": self.heatmap.sigma}
         )
         d["density"] = self.density.kind
+        d["warnings"] = self.warnings()
         if isinstance(self.density, ExpertsDensity):
             d["experts"] = [e.kind for e in self.density.experts]
         if isinstance(self.density, GaussianMixtureDensity):
@@ -176,6 +187,7 @@ class Profile:
             n_reference=int(d["n_reference"]),
             source=str(d.get("source", "")),
             heatmap=None if d.get("heatmap") is None else HeatmapCalibration.from_dict(d["heatmap"]),
+            fpr_intervals={str(k): (float(lo), float(hi)) for k, (lo, hi) in d["fpr_intervals"].items()},
             selection=d.get("selection"),
         )
         if len(scores) == 0 or not np.isfinite(scores).all():
@@ -198,13 +210,20 @@ class Profile:
             raise ProfileMismatch(f"{path.name}: {exc}") from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise ProfileMismatch(f"{path.name}: corrupt profile ({type(exc).__name__}: {exc})") from exc
-        if model_id is not None and profile.model_id != model_id:
+        if model_id is not None and not same_model(profile.model_id, model_id):
             raise ProfileMismatch(
                 f"{path.name}: made for model {profile.model_id}, loaded model is {model_id}"
             )
         if options is not None and served_key(profile.options) != served_key(options):
             raise ProfileMismatch(f"{path.name}: {options_mismatch(profile.options, options)}")
         return profile
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model ids (``name@weights-hash``, ModelInfo) name the same weights: the hash is the
+    identity, the folder name only a label, so a copied or renamed model folder keeps its profiles."""
+    hash_a, hash_b = a.rpartition("@")[2], b.rpartition("@")[2]
+    return hash_a == hash_b if "@" in a and "@" in b else a == b
 
 
 def upgrade(d: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import re
 import threading
 from pathlib import Path
 
-from app.engine.calibration.profile import TEMP_SUFFIX, Profile, served_key
+from app.engine.calibration.profile import TEMP_SUFFIX, Profile, same_model, served_key
 from app.engine.types import MethodOptions
 from app.errors import InvalidInput, PayloadTooLarge, ProfileConflict, ProfileMismatch, ProfileNotFound
 
@@ -99,7 +99,9 @@ class ProfileStore:
 
     def save(self, profile: Profile, overwrite: bool = False) -> Path:
         path = self.path(profile.name)
-        if profile.model_id != self.model_id or served_key(profile.options) != served_key(self.options):
+        if not same_model(profile.model_id, self.model_id) or served_key(profile.options) != served_key(
+            self.options
+        ):
             raise ProfileMismatch("profile was fitted for another model or other method options")
         with self._write_lock:
             self.check_new(profile.name, overwrite)

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import numpy as np
+from scipy.stats import beta
 from sklearn.model_selection import KFold
 
 from app.engine.calibration.density import RANDOM_STATE, DensityClass
@@ -19,6 +20,10 @@ from app.errors import InvalidInput
 
 DEFAULT_FPRS = (0.01, 0.05, 0.1)
 MAX_FPRS = 32  # every answer carries one threshold per rate: a bounded list keeps answers small
+FPR_CI_LEVEL = 0.95  # the probability each profile's false-positive-rate interval holds
+# a threshold whose true false-positive rate may be over twice the stated one (upper end of its interval)
+# is flagged: the reference set is too small for that rate
+WIDE_FPR_RATIO = 2.0
 
 
 def fpr_key(fpr: float) -> str:
@@ -60,6 +65,38 @@ def conformal_threshold(sorted_scores: np.ndarray, fpr: float) -> float:
 
 def thresholds_for(sorted_scores: np.ndarray, fprs: tuple[float, ...]) -> dict[str, float]:
     return {fpr_key(f): conformal_threshold(sorted_scores, f) for f in fprs}
+
+
+def fpr_interval(n: int, fpr: float, level: float = FPR_CI_LEVEL) -> tuple[float, float]:
+    """Where the true false-positive rate of the conformal threshold for ``fpr`` lies, with probability
+    ``level`` over reference sets of ``n`` images. The threshold is the k-th smallest of n exchangeable
+    scores, so the chance that a new normal image exceeds it is Beta(n + 1 - k, k) distributed
+    (training-conditional conformal validity): its mean is the stated rate, its spread shrinks as 1/sqrt(n).
+    When k > n (fewer images than the rate needs) the threshold is the largest score, k = n."""
+    k = min(math.ceil((n + 1) * (1 - fpr)), n)
+    tail = (1.0 - level) / 2.0
+    a, b = n + 1 - k, k
+    return float(beta.ppf(tail, a, b)), float(beta.ppf(1.0 - tail, a, b))
+
+
+def fpr_intervals_for(n: int, keys: Any) -> dict[str, tuple[float, float]]:
+    """``fpr_interval`` for each threshold of a profile, keyed like its thresholds (``"0.05"``)."""
+    return {str(key): fpr_interval(n, float(key)) for key in keys}
+
+
+def wide_intervals(intervals: dict[str, tuple[float, float]], n: int) -> list[str]:
+    """A warning for each threshold whose true false-positive rate may exceed ``WIDE_FPR_RATIO`` times the
+    stated one. (No "N images suffice": the bound is not monotone in n, the threshold's rank is rounded.)"""
+    warnings = []
+    for key, (low, high) in sorted(intervals.items(), key=lambda kv: float(kv[0])):
+        fpr = float(key)
+        if high > WIDE_FPR_RATIO * fpr:
+            warnings.append(
+                f"threshold at {key}: with {n} reference images its true false-positive rate lies in "
+                f"[{low:.4f}, {high:.4f}] ({FPR_CI_LEVEL:.0%}), up to {high / fpr:.1f}x the stated rate; "
+                "calibrate on more images for a rate this small"
+            )
+    return warnings
 
 
 def verdict(

@@ -1,4 +1,5 @@
-"""Pages for people: Swagger UI at ``/docs``, ReDoc at ``/redoc`` and the inspection page at ``/ui``.
+"""Pages for people: Swagger UI at ``/docs``, ReDoc at ``/redoc`` and the inspection page at ``/ui`` (``/``
+redirects there).
 
 Everything a page loads comes from this server: the Swagger UI and ReDoc bundles are the ones the
 ``fastapi-offline`` distribution ships (served under ``/static/docs``), the inspection page is static HTML,
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 DOCS_ASSETS = Path(str(files("fastapi_offline") / "static"))
@@ -100,6 +101,12 @@ async def redoc(request: Request) -> HTMLResponse:
         with_google_fonts=False,
     )
     return _same_origin_only(page)
+
+
+@router.get("/")
+async def root_page(request: Request) -> RedirectResponse:
+    """A browser pointed at the server lands on the inspection page (the API's index is /docs)."""
+    return RedirectResponse(f"{_root(request)}/ui")
 
 
 @router.get("/ui")

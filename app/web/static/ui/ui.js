@@ -85,6 +85,17 @@ function render(file, result, profile) {
     heat.style.opacity = $("opacity").value / 100;
     figure.append(heat);
   }
+  // the model scores the largest centred square of the upload: say so when the rest was not looked at
+  image.addEventListener("load", () => {
+    const { naturalWidth: w, naturalHeight: h } = image;
+    if (w !== h) {
+      const note = document.createElement("p");
+      note.className = "note";
+      note.textContent = `Only the centred ${Math.min(w, h)} × ${Math.min(w, h)} px square of this ${w} × ${h} px` +
+        " image was scored; the heat map covers that square.";
+      card.append(note);
+    }
+  }, { once: true });
   const badge = document.createElement("span");
   badge.className = "verdict";
   badge.textContent = verdict;
@@ -144,6 +155,7 @@ function wire() {
   });
   $("opacity").addEventListener("input", (event) => {
     for (const heat of document.querySelectorAll(".heatmap")) heat.style.opacity = event.target.value / 100;
+    $("opacity-value").textContent = `${event.target.value} %`;
   });
   loadProfiles().catch((e) => setStatus(String(e), true));
 }
