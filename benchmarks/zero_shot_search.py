@@ -3,12 +3,14 @@
 
 1. ``walk``: run the shipped model once over each set's fit / dev / held splits and cache, per image, the
    per-step amplified Stein error a_k (N, K, C, H, W) float16 and the noise maps eps_k.
-2. ``search``: candidate feature recipes from the cache, each fitted on every set's fit split and scored on
-   the other sets' dev split (the N x N AUROC matrix), beside the zero-shot criterion computed on the normal
-   set's own images only.
+2. ``search``: candidate energy features computed from the cache (docs/ACCURACY.md, "Any normal domain",
+   what was tried), each fitted on every set's fit split (a Gaussian mixture, or ``--density`` knn/lw) and
+   scored on every set's dev split: the N x N AUROC matrix and the 12-pair mean without MNIST. The shipped
+   aggregations, the embedding expert among them, are measured by ``ddm-anomaly evaluate --matrix``.
 
-    python -m benchmarks.zero_shot_search walk --cache runs/zero-shot
-    python -m benchmarks.zero_shot_search search --cache runs/zero-shot --json runs/zero-shot-dev.json
+    python -m benchmarks.zero_shot_search walk --cache runs/zero-shot --parts fit dev
+    python -m benchmarks.zero_shot_search search --cache runs/zero-shot --candidates cb col cb+sp eps+cb \
+        low4+ps --json runs/zero-shot-dev.json
 """
 
 from __future__ import annotations
@@ -79,6 +81,89 @@ def run_walk(args: argparse.Namespace) -> int:
     return 0
 
 
+def candidate_features(cached: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """(N, D) features of candidate ``name`` ("+"-joined parts) from a cached split's maps."""
+    a = torch.from_numpy(cached["amp"].astype(np.float32))  # (N, K, C, H, W)
+    e = torch.from_numpy(cached["eps"].astype(np.float32))
+    n, k, c, h, w = a.shape
+    da, de = (a[:, 1:] - a[:, :-1]) * k, (e[:, 1:] - e[:, :-1]) * k
+
+    def grid(q: torch.Tensor) -> torch.Tensor:  # (N, S, C, 4, 4) energies
+        return q.pow(2).reshape(n, q.shape[1], c, 4, h // 4, 4, w // 4).sum(dim=(4, 6))
+
+    def log(x: torch.Tensor) -> torch.Tensor:
+        return x.clamp_min(1e-12).log()
+
+    def centre_border(g: torch.Tensor) -> torch.Tensor:
+        centre = g[..., 1:3, 1:3].sum(dim=(2, 3, 4))
+        return torch.stack([centre, g.sum(dim=(2, 3, 4)) - centre], -1).flatten(1)
+
+    def low_share(q: torch.Tensor) -> torch.Tensor:  # energy of the 4 x 4 average-pooled map, as a share
+        pooled = torch.nn.functional.avg_pool2d(q.flatten(0, 1), 4).pow(2).sum(dim=(1, 2, 3)) * 16
+        return log(pooled.reshape(n, -1) / q.pow(2).sum(dim=(2, 3, 4)))
+
+    parts = {
+        "ps": lambda: log(torch.cat([a.pow(2).sum(dim=(2, 3, 4)), da.pow(2).sum(dim=(2, 3, 4))], 1)),
+        "cb": lambda: log(torch.cat([centre_border(grid(a)), centre_border(grid(da))], 1)),
+        "col": lambda: log(
+            torch.cat([grid(a).sum(dim=(3, 4)).flatten(1), grid(da).sum(dim=(3, 4)).flatten(1)], 1)
+        ),
+        "sp": lambda: torch.cat([log(grid(q).sum(2)).flatten(2).std(-1) for q in (a, da)], 1),
+        "csp": lambda: torch.cat([log(grid(q).sum(dim=(3, 4))).std(-1) for q in (a, da)], 1),
+        "eps": lambda: log(torch.cat([e.pow(2).sum(dim=(2, 3, 4)), de.pow(2).sum(dim=(2, 3, 4))], 1)),
+        "kurt": lambda: log(a.pow(4).mean(dim=(2, 3, 4)) / a.pow(2).mean(dim=(2, 3, 4)).pow(2)),
+        "low4": lambda: low_share(a),
+    }
+    return torch.cat([parts[p]() for p in name.split("+")], 1).double().numpy()
+
+
+def run_search(args: argparse.Namespace) -> int:
+    import json
+
+    from sklearn.covariance import LedoitWolf
+    from sklearn.metrics import roc_auc_score
+    from sklearn.neighbors import NearestNeighbors
+    from sklearn.preprocessing import StandardScaler
+
+    from app.engine.calibration.density import GaussianMixtureDensity
+
+    def scorer(fit: np.ndarray):  # anomaly score function fitted on normal features
+        if args.density == "gmm":
+            gmm = GaussianMixtureDensity.fit(fit, reg_covar=0.1)
+            return lambda x: -gmm.log_density(x)
+        scale = StandardScaler().fit(fit)
+        if args.density == "lw":
+            lw = LedoitWolf().fit(scale.transform(fit))
+            return lambda x: lw.mahalanobis(scale.transform(x))
+        nn = NearestNeighbors(n_neighbors=5).fit(scale.transform(fit))
+        return lambda x: nn.kneighbors(scale.transform(x))[0].mean(1)
+
+    folder = args.cache / f"K{args.steps}"
+    cached = {(s, p): dict(np.load(folder / f"{s}_{p}.npz")) for s in SETS for p in ("fit", "dev")}
+    report = {}
+    for name in args.candidates:
+        matrix = {}
+        for normal in SETS:
+            score = scorer(candidate_features(cached[normal, "fit"], name))
+            scores = {s: score(candidate_features(cached[s, "dev"], name)) for s in SETS}
+            for other in SETS:
+                if other != normal:
+                    y = np.r_[np.zeros(len(scores[normal])), np.ones(len(scores[other]))]
+                    matrix[f"{normal}->{other}"] = float(
+                        roc_auc_score(y, np.r_[scores[normal], scores[other]])
+                    )
+        twelve = [v for key, v in matrix.items() if "mnist" not in key]
+        report[name] = {"matrix": matrix, "mean_auroc": float(np.mean(list(matrix.values()))),
+                        "mean_auroc_without_mnist": float(np.mean(twelve))}  # fmt: skip
+        print(
+            f"{name:>16}: 20 pairs {report[name]['mean_auroc']:.3f}, 12 pairs {np.mean(twelve):.3f}",
+            flush=True,
+        )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"density": args.density, "candidates": report}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -89,8 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--steps", type=int, default=10)
     w.add_argument("--parts", nargs="*")
     w.add_argument("--threads", type=int, default=2)
+    s = sub.add_parser("search")
+    s.add_argument("--cache", type=Path, required=True)
+    s.add_argument("--steps", type=int, default=10)
+    s.add_argument(
+        "--candidates", nargs="+", default=["cb", "ps", "col", "cb+sp", "cb+csp", "cb+eps", "ps+kurt"]
+    )
+    s.add_argument("--density", choices=("gmm", "lw", "knn"), default="gmm")
+    s.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
-    return run_walk(args)
+    return run_walk(args) if args.command == "walk" else run_search(args)
 
 
 if __name__ == "__main__":
