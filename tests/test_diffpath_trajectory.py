@@ -132,7 +132,10 @@ def test_float64_schedule_is_improved_diffusions(ref: dict) -> None:
     assert float(schedule.sqrt_abar_next[-1]) == 0.0 and float(schedule.sqrt_one_minus_abar_next[-1]) == 1.0
 
 
-def test_replayed_walk_is_bit_exact(tmp_path: Path, ref: dict) -> None:
+def test_replayed_walk_matches_the_original_to_float32_rounding(tmp_path: Path, ref: dict) -> None:
+    """Bit for bit on a CPU that rounds as the reference's did; other CPUs' vector units fuse the float32
+    steps differently and move the last bit (1 ulp from step 2, 1.1e-6 at step 9 measured on an AMD EPYC):
+    within 2e-6, far below the 1e-5 that a float32 schedule would miss by (the test below)."""
     model = replay_model(tmp_path, ref)
     x0 = ref["traj_x0"]
     timesteps = trajectory_grid("diffpath", 4000, 10)
@@ -142,8 +145,11 @@ def test_replayed_walk_is_bit_exact(tmp_path: Path, ref: dict) -> None:
     # the network is asked at schedule indices 0, 400, ...; the runtime maps them to its own time (t/4)
     assert runtime.calls == [[t, t] for t in range(0, 4000, 400)]
     for k, step in enumerate(steps):
-        assert torch.equal(step.x_t, x0 if k == 0 else ref["traj_xt_clip"][k - 1]), k
-        assert torch.equal(step.eps_k, ref["traj_eps_clip"][k]), k
+        expected_x = x0 if k == 0 else ref["traj_xt_clip"][k - 1]
+        torch.testing.assert_close(step.x_t, expected_x, rtol=0, atol=2e-6, msg=f"x_t at step {k}")
+        torch.testing.assert_close(
+            step.eps_k, ref["traj_eps_clip"][k], rtol=0, atol=2e-6, msg=f"eps at step {k}"
+        )
         assert step.xhat0.abs().max() <= 1.0
     # the clipping matters: where x0 hat was clipped, the collected epsilon is not the model's
     assert not torch.equal(ref["traj_eps_clip"], ref["traj_eps_noclip"])

@@ -23,6 +23,11 @@ from app.engine.methods import METHODS
 from tests.goldens import compute
 
 FEATURE_TOL = {"rtol": 1e-4, "atol": 1e-5}
+# ssim_weighting=dissimilarity weights the first step (t = 0) by 1 - SSIM ~ 1e-5, computed by cancellation
+# from SSIM ~ 1: the last float32 bit of the UNet's output, which differs between CPUs' vector units, moves
+# that step's log energy by up to 6e-3 (measured on an AMD EPYC against the stored values). The smallest
+# deliberate change measured moves features by ~1e-1, so this variant is still pinned well below it.
+VARIANT_FEATURE_TOL = {"ssim_weighting=dissimilarity": {"rtol": 2e-3, "atol": 2e-2}}
 SCORE_TOL = {"rtol": 1e-4, "atol": 1e-3}
 FIT_TOL = {"rtol": 1e-4, "atol": 1e-6}
 REGENERATE = "(if the change is meant to move numbers: make goldens, and say so in the commit)"
@@ -143,7 +148,10 @@ def test_non_default_options_match_the_goldens(variant: str) -> None:
     got = compute.rounded(compute.variant_section(options, compute.with_options(scorer, options)))
     for name in golden["features"]:
         assert_close(
-            got["features"][name], golden["features"][name], f"{variant} features of {name}", **FEATURE_TOL
+            got["features"][name],
+            golden["features"][name],
+            f"{variant} features of {name}",
+            **VARIANT_FEATURE_TOL.get(variant, FEATURE_TOL),
         )
 
 
