@@ -10,7 +10,8 @@ test decides which batch misbehaves by what it uploads, through the real HTTP pa
 * ``oom=WxH:S`` - a batch of more than S images holding a WxH image raises :class:`DeviceOutOfMemory`
   (what CUDA would do), so the batcher splits it.
 * ``features=WxH:X`` - WxH images are computed normally, then their features, step statistics and heat
-  map are replaced by the float ``X`` (``nan``, ``inf``, ``-inf``, ``1e300``, ...).
+  map (and the grids profiles derive other features from) are replaced by the float ``X`` (``nan``,
+  ``inf``, ``-inf``, ``1e300``, ...).
 
 :func:`inject_faults` wraps the engine's ``run`` between the batcher and the engine; the engine itself
 (the science) is untouched. :class:`FaultyEngine` is the real engine with that ``run``.
@@ -87,15 +88,19 @@ def inject_faults(run: Run, rules: FaultRules) -> Run:
 
 
 def _replaced(stats: ImageStats, value: float) -> ImageStats:
-    def fill(a: np.ndarray) -> np.ndarray:
-        return np.full(a.shape, value, dtype=a.dtype)
+    def fill(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.full(a.shape, value, dtype=a.dtype)
 
+    # everything the engine measured: a profile derives its own features from the sums and grids too
     return dataclasses.replace(
         stats,
         features=fill(stats.features),
         step_sums=fill(stats.step_sums),
         delta_sums=fill(stats.delta_sums),
         heatmap=fill(stats.heatmap),
+        step_grid=fill(stats.step_grid),
+        delta_grid=fill(stats.delta_grid),
+        embeddings=fill(stats.embeddings),
         finite=bool(np.isfinite(value)),
     )
 

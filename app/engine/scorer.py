@@ -138,7 +138,7 @@ class Scorer:
             raise DeviceOutOfMemory(f"device out of memory on a batch of {len(batch)}") from exc
         except (RuntimeError, ValueError) as exc:
             raise EngineFailure(f"engine failed on a batch of {len(batch)}: {exc}") from exc
-        return {m: _split(h, len(batch)) for m, h in host.items()}
+        return {m: _split(h, len(batch), self.options.aggregation) for m, h in host.items()}
 
 
 def _to_host(stats: BatchStats) -> dict[str, np.ndarray]:
@@ -160,7 +160,7 @@ def _to_host(stats: BatchStats) -> dict[str, np.ndarray]:
     }
 
 
-def _split(host: dict[str, np.ndarray], n: int) -> list[ImageStats]:
+def _split(host: dict[str, np.ndarray], n: int, aggregation: str) -> list[ImageStats]:
     out = []
     for i in range(n):
         features = host["features"][i]
@@ -175,6 +175,7 @@ def _split(host: dict[str, np.ndarray], n: int) -> list[ImageStats]:
                 step_grid=host["step_grid"][i] if "step_grid" in host else None,
                 delta_grid=host["delta_grid"][i] if "delta_grid" in host else None,
                 embeddings=host["embeddings"][i] if "embeddings" in host else None,
+                aggregation=aggregation if "step_grid" in host else None,
             )
         )
     return out

@@ -148,6 +148,9 @@ class ImageStats:
     step_grid: np.ndarray | None = None
     delta_grid: np.ndarray | None = None
     embeddings: np.ndarray | None = None  # (K, E): the UNet's image embedding at each step
+    # the aggregation ``features`` were computed under (path methods): a profile of the same aggregation
+    # reads them as they are, one of another derives its own from the sums and grids
+    aggregation: str | None = None
 
 
 @dataclass

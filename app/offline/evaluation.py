@@ -64,74 +64,74 @@ def plot_roc_and_histograms(
 ) -> list[Path]:
     """ROC curves (one panel per method) and score histograms; ``scores[method][set_name]``;
     ``thresholds[method]`` = (false-positive rate, threshold) marks the deciding threshold on both."""
-    thresholds = thresholds or {}
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = list(scores)
+    thresholds = thresholds or {}
     paths = []
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 4), squeeze=False)
-    for ax, method in zip(axes[0], methods, strict=True):
-        id_scores = scores[method][id_name]
-        for name, ood in scores[method].items():
-            if name == id_name:
-                continue
-            y = np.r_[np.zeros(len(id_scores)), np.ones(len(ood))]
-            s = np.nan_to_num(np.r_[id_scores, ood], nan=1e300, posinf=1e300)
-            fpr, tpr, _ = roc_curve(y, s)
-            ax.plot(fpr, tpr, label=f"{name} ({roc_auc_score(y, s):.3f})")
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        if method in thresholds:
-            rate = thresholds[method][0]
-            ax.axvline(rate, color="k", ls="--", lw=0.8, label=f"profile threshold ({rate:g} FPR)")
-        ax.set(title=method, xlabel="FPR (ID flagged)", ylabel="TPR (OOD flagged)")
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    roc_path = out_prefix.with_name(out_prefix.name + "_roc.png")
-    fig.savefig(roc_path, dpi=110)
-    plt.close(fig)
-    paths.append(roc_path)
-
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False)
-    for ax, method in zip(axes[0], methods, strict=True):
-        finite = np.concatenate([v[np.isfinite(v)] for v in scores[method].values()])
-        lo, hi = np.percentile(finite, [0.5, 99.5]) if len(finite) else (0.0, 1.0)
-        # linear across the normal scores and the threshold, logarithmic beyond: anomalies score up to ten
-        # times further out, and one linear axis squeezed the normal images into a single bin
-        ids = scores[method][id_name]
-        linear_to = float(np.percentile(ids[np.isfinite(ids)], 95)) if np.isfinite(ids).any() else hi
-        if method in thresholds:
-            linear_to = max(linear_to, thresholds[method][1])
-        linear_to += 0.5 * (linear_to - lo)
-        bins = np.linspace(lo, min(linear_to, hi), 30)
-        if hi > linear_to:
-            forward, inverse = _compressed_beyond(linear_to, (linear_to - lo) / 4)
-            bins = np.r_[bins, inverse(np.linspace(forward(linear_to), forward(hi), 16))[1:]]
-            ax.set_xscale("function", functions=(forward, inverse))
-            ax.set_xticks(_spread_ticks(lo, hi, linear_to, forward))
-        for name, vals in scores[method].items():
-            kept = np.clip(vals[np.isfinite(vals)], lo, hi)
-            ax.hist(
-                kept,
-                bins=bins,
-                histtype="step",
-                weights=np.full(len(kept), 1 / max(len(kept), 1)),
-                label=name,
-            )
-        if method in thresholds:
-            rate, value = thresholds[method]
-            ax.axvline(value, color="k", ls="--", lw=1, label=f"threshold {value:.1f} ({rate:g} FPR)")
-        ax.set(title=method, xlabel="anomaly score (log scale past the normal ones)")
-        ax.set_ylabel("share of the set's images")
-        ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    hist_path = out_prefix.with_name(out_prefix.name + "_hist.png")
-    fig.savefig(hist_path, dpi=110)
-    plt.close(fig)
-    paths.append(hist_path)
+    for suffix, height, draw in (("_roc.png", 4.0, _roc_panel), ("_hist.png", 3.6, _histogram_panel)):
+        fig, axes = plt.subplots(1, len(scores), figsize=(4.2 * len(scores), height), squeeze=False)
+        for ax, method in zip(axes[0], scores, strict=True):
+            draw(ax, method, scores[method], id_name, thresholds.get(method))
+        fig.tight_layout()
+        path = out_prefix.with_name(out_prefix.name + suffix)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
     return paths
+
+
+def _roc_panel(
+    ax: Any, method: str, sets: dict[str, np.ndarray], id_name: str, threshold: tuple[float, float] | None
+) -> None:
+    id_scores = sets[id_name]
+    for name, ood in sets.items():
+        if name == id_name:
+            continue
+        y = np.r_[np.zeros(len(id_scores)), np.ones(len(ood))]
+        s = np.nan_to_num(np.r_[id_scores, ood], nan=1e300, posinf=1e300)
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(fpr, tpr, label=f"{name} ({roc_auc_score(y, s):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    if threshold is not None:
+        ax.axvline(
+            threshold[0], color="k", ls="--", lw=0.8, label=f"profile threshold ({threshold[0]:g} FPR)"
+        )
+    ax.set(title=method, xlabel="FPR (ID flagged)", ylabel="TPR (OOD flagged)")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _histogram_panel(
+    ax: Any, method: str, sets: dict[str, np.ndarray], id_name: str, threshold: tuple[float, float] | None
+) -> None:
+    finite = np.concatenate([v[np.isfinite(v)] for v in sets.values()])
+    lo, hi = np.percentile(finite, [0.5, 99.5]) if len(finite) else (0.0, 1.0)
+    # linear across the normal scores and the threshold, logarithmic beyond: anomalies score up to ten
+    # times further out, and one linear axis squeezed the normal images into a single bin
+    ids = sets[id_name]
+    linear_to = float(np.percentile(ids[np.isfinite(ids)], 95)) if np.isfinite(ids).any() else hi
+    if threshold is not None:
+        linear_to = max(linear_to, threshold[1])
+    linear_to += 0.5 * (linear_to - lo)
+    bins = np.linspace(lo, min(linear_to, hi), 30)
+    if hi > linear_to:
+        forward, inverse = _compressed_beyond(linear_to, (linear_to - lo) / 4)
+        bins = np.r_[bins, inverse(np.linspace(forward(linear_to), forward(hi), 16))[1:]]
+        ax.set_xscale("function", functions=(forward, inverse))
+        ax.set_xticks(_spread_ticks(lo, hi, linear_to, forward))
+    for name, vals in sets.items():
+        kept = np.clip(vals[np.isfinite(vals)], lo, hi)
+        ax.hist(
+            kept, bins=bins, histtype="step", weights=np.full(len(kept), 1 / max(len(kept), 1)), label=name
+        )
+    if threshold is not None:
+        rate, value = threshold
+        ax.axvline(value, color="k", ls="--", lw=1, label=f"threshold {value:.1f} ({rate:g} FPR)")
+    ax.set(title=method, xlabel="anomaly score (log scale past the normal ones)")
+    ax.set_ylabel("share of the set's images")
+    ax.legend(fontsize=7, loc="upper right")
 
 
 def _compressed_beyond(edge: float, scale: float) -> tuple[Any, Any]:

@@ -91,7 +91,7 @@ class PathMethod(Method, Generic[SumsT]):
     def image_features(self, stats: ImageStats, options: MethodOptions) -> np.ndarray:
         """The aggregation ``options.aggregation`` of the image's sums and grids (aggregations.py), in float64
         on the host."""
-        if not self.aggregated or stats.step_grid is None or stats.delta_grid is None:
+        if not self.aggregated or stats.aggregation == options.aggregation or stats.step_grid is None:
             return stats.features
         return aggregate(_bank_of(stats), options.aggregation)[0].numpy()
 
