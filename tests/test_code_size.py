@@ -1,4 +1,5 @@
-"""Size limits of the product code (issue 14; ../shared/docs/STYLE.md: Starlette's modules under ~350 lines).
+"""Size limits of the product code (docs/ARCHITECTURE.md: small modules that say what they hold; well-kept
+ASGI projects keep modules under ~350 lines).
 
 A module that outgrows them usually mixes concerns; split it where the concerns part rather than raise
 the limit. Tests and benchmarks are exempt.
