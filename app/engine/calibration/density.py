@@ -17,7 +17,6 @@ import numpy as np
 from scipy.special import logsumexp
 from sklearn.covariance import LedoitWolf
 from sklearn.mixture import GaussianMixture
-from sklearn.model_selection import KFold
 from sklearn.neighbors import KernelDensity
 
 RANDOM_STATE = 0  # mixtures and cross-fitting folds are seeded: a profile refitted on the same data is equal
@@ -202,12 +201,17 @@ class GaussianDensity:
         shrunk = LedoitWolf().fit((features - mean) / scale)
         return cls(mean, scale, shrunk.location_, shrunk.precision_)
 
+    @functools.cached_property
+    def _log_normaliser(self) -> float:
+        # once per loaded profile, not on every scored batch (a D x D determinant)
+        _, log_det = np.linalg.slogdet(self.precision)
+        d = len(self.mean)
+        return float(0.5 * (log_det - d * np.log(2 * np.pi)) - np.log(self.scale).sum())
+
     def log_density(self, features: np.ndarray) -> np.ndarray:
         y = (features - self.mean) / self.scale - self.centre
-        _, log_det = np.linalg.slogdet(self.precision)
-        d = features.shape[1]
         quad = np.einsum("ij,jk,ik->i", y, self.precision, y)
-        return 0.5 * (log_det - d * np.log(2 * np.pi) - quad) - np.log(self.scale).sum()
+        return self._log_normaliser - 0.5 * quad
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "mean": self.mean.tolist(), "scale": self.scale.tolist(),
@@ -237,15 +241,15 @@ class ExpertsDensity:
             **mixture: Any) -> ExpertsDensity:  # fmt: skip
         if not blocks:
             raise ValueError("an experts density needs its column blocks")
+        # imported here: thresholds.py imports this module for its density types
+        from app.engine.calibration.thresholds import cross_fitted_scores
+
         experts: list[GaussianMixtureDensity | GaussianDensity] = []
         centres, spreads = [], []
         for i, (start, stop) in enumerate(blocks):
             kind = GaussianMixtureDensity if i == 0 else GaussianDensity
             part = features[:, start:stop]
-            held_out = np.empty(len(part))
-            splitter = KFold(n_splits=min(folds, len(part)), shuffle=True, random_state=RANDOM_STATE)
-            for train, test in splitter.split(part):
-                held_out[test] = -kind.fit(part[train], **mixture).log_density(part[test])
+            held_out = cross_fitted_scores(part, kind, mixture, folds)
             q25, q50, q75 = np.percentile(held_out, [25, 50, 75])
             experts.append(kind.fit(part, **mixture))
             centres.append(q50)
