@@ -1,4 +1,4 @@
-"""Engine throughput vs this machine's measured peak and vs the naive peer (issue 8). Not a test.
+"""Engine throughput vs this machine's measured peak and vs the naive peer (docs/PERFORMANCE.md). Not a test.
 
     python benchmarks/engine_bench.py --json benchmarks/results/engine.json       # batches 1..64, K=10
     python benchmarks/engine_bench.py --variants --batch-sizes 1 32                # + what each speed-up buys

@@ -1,4 +1,4 @@
-"""Search for features that use what the trajectory already computes (issue 17), measured honestly.
+"""Search for features that use what the trajectory already computes (docs/ACCURACY.md), measured honestly.
 
 Stages, so that the model runs once and every candidate feature is evaluated from a cache:
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8's GPU measurements in one go, for a session that is lent a GPU machine (docs/PERFORMANCE.md, "GPU").
+# The GPU measurements of docs/PERFORMANCE.md in one go, for a session that is lent a GPU machine (docs/PERFORMANCE.md, "GPU").
 #
 #   here, once:  bash benchmarks/gpu_prepare.sh        # wheels + test images -> benchmarks/results/gpu/
 #   device:      run(command="bash benchmarks/gpu_check.sh", carry=["benchmarks/results/gpu"], timeout_s=600)
@@ -8,7 +8,7 @@
 # Writes to $OUT (at most 8 files come back): log.txt, engine_small.json (shipped 32 px model),
 # engine_256.json (random weights, google/ddpm-celebahq-256's exact architecture), precision.json
 # (bf16 / fp16 vs fp32 scores), service.json (batched vs max-batch-1 service, engine reference),
-# engine_compile.json (torch.compile beside eager), model_costs.json (issue 15: DiffPath's CelebA-32 model
+# engine_compile.json (torch.compile beside eager), model_costs.json (docs/MODELS.md: DiffPath's CelebA-32 model
 # and google/ddpm-celebahq-256, random weights, imported-folder layout: images/s, memory per image, FLOPs).
 # Each step has its own time limit, so one that hangs cannot eat the others' device time.
 set -u

@@ -1,4 +1,4 @@
-"""What the pretrained models cost per image (issue 15): FLOPs at K steps, engine images/s, memory.
+"""What the pretrained models cost per image (docs/MODELS.md): FLOPs at K steps, engine images/s, memory.
 
 Not a test.
 

@@ -48,11 +48,11 @@ class Mutation:
     new: str
     tests: tuple[str, ...]
     what: str
-    listed: bool = False  # one of issue 19's survivors
+    listed: bool = False  # one of the survivors the first mutation round found (--listed)
 
 
 MUTATIONS: tuple[Mutation, ...] = (
-    # --- the survivors listed in issue 19 -------------------------------------------------------------
+    # --- the survivors of the first mutation round ----------------------------------------------------
     Mutation(
         "input-range-0-1",
         "app/engine/preprocessing.py",
@@ -331,7 +331,7 @@ def table(outcomes: list[Outcome]) -> str:
     lines = ["| mutation | what | result | killed by (first failing test) | s |", "|---|---|---|---|---:|"]
     for o in outcomes:
         first = o.killed_by[0] if o.killed_by else "-"
-        mark = " (issue 19)" if o.listed else ""
+        mark = " (first round)" if o.listed else ""
         lines.append(f"| `{o.name}`{mark} | {o.what} | {o.status} | `{first}` | {o.seconds:.0f} |")
     killed = sum(o.status == "killed" for o in outcomes)
     lines.append("")
@@ -342,7 +342,7 @@ def table(outcomes: list[Outcome]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations only")
-    p.add_argument("--listed", action="store_true", help="only the mutations issue 19 listed")
+    p.add_argument("--listed", action="store_true", help="only the survivors of the first mutation round")
     p.add_argument("--list", action="store_true", help="print the mutations and exit")
     p.add_argument("--worktree", action="store_true", help="mutate the working tree, not HEAD")
     p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the tests")

@@ -7,7 +7,7 @@
     # from 12 reference images through POST /v1/profiles), e.g. with batching off:
     python benchmarks/service_load.py --serve --env DDM_MAX_BATCH_SIZE=1 -c 1 8 32 -n 64 --json out.json
 
-    # issue 8's comparison in one run: batching on vs off (levels alternate between the two servers), and
+    # docs/PERFORMANCE.md's comparison in one run: batching on vs off (levels alternate between servers), and
     # the engine alone (service/engine ratio, p99 vs one full batch):
     python benchmarks/service_load.py --serve --env DDM_TORCH_THREADS=1 --compare DDM_MAX_BATCH_SIZE=1 \
         --engine-reference -c 1 8 16 32 64 -n 64 --per-client 2 --json benchmarks/results/service.json

@@ -46,7 +46,7 @@ SMOKE = ROOT / "deploy" / "image-smoke.sh"
 SMOKE_CHECK = ROOT / "deploy" / "image_smoke_check.py"
 CHECK_PINS = ROOT / "deploy" / "check_pins.py"
 BUILD_TOOLS = ("build-essential", "gcc", "g++", "make", "python3-dev", "python3.11-dev", "python3.11-venv")
-# The defaults of the Dockerfile before issue 13: torch 2.13.0 from the cu128 index on a CUDA 12.8 -runtime-
+# Defaults an earlier Dockerfile had: torch 2.13.0 from the cu128 index on a CUDA 12.8 -runtime-
 # base. PyTorch publishes no cu128 build of torch 2.12 or later: `docker build` stopped at the torch layer.
 BROKEN_DEFAULTS = (
     "2.13.0",
@@ -421,8 +421,8 @@ def test_runtime_stage_is_lean_non_root_and_signal_friendly(
 
 
 def test_user_is_created_without_warnings(dockerfile: tuple[dict[str, str], list[Stage]]) -> None:
-    """UID/GID 10001 are outside the system range: `useradd --system` warns about that (the build log of
-    issue 13), so the account is a regular one, without lastlog/faillog entries sized by the UID."""
+    """UID/GID 10001 are outside the system range: `useradd --system` warns about that (seen in a
+    build log), so the account is a regular one, without lastlog/faillog entries sized by the UID."""
     _, stages = dockerfile
     runtime = stages[-1]
     (create,) = [a for a in runtime.args("RUN") if "useradd" in a]

@@ -32,7 +32,7 @@ CHECKPOINTS = Path(os.environ.get("DDM_TEST_CHECKPOINTS", REPO.parent / "shared"
 ID = CHECKPOINTS / "improved-diffusion"
 DD = CHECKPOINTS / "ddim-celeba64"
 HQ = CHECKPOINTS / "diffusers-ddpm-celebahq-256"
-TOL = 1e-4  # issue 15: max |diff| against the original code's outputs
+TOL = 1e-4  # docs/MODELS.md: max |diff| against the original code's outputs
 RUNTIMES = ("torch", "onnxruntime")
 
 
