@@ -1,10 +1,13 @@
-"""One request deadline for both protocols (fake engine, in process): ``timeout_s`` on ``/v1/score`` and the
-OIP request parameter ``timeout`` (microseconds) on ``/v2`` shorten the server's DDM_REQUEST_TIMEOUT_S, are
-capped by it, and are refused below DDM_MIN_REQUEST_TIMEOUT_S; a request whose deadline passes while the
-model is busy gets its 504 and costs no compute."""
+"""What the routes share, for both protocols (fake engine, in process).
+
+One request deadline: ``timeout_s`` on ``/v1/score`` and the OIP request parameter ``timeout``
+(microseconds) on ``/v2`` shorten the server's DDM_REQUEST_TIMEOUT_S, are capped by it, and are refused
+below DDM_MIN_REQUEST_TIMEOUT_S; a request whose deadline passes while the model is busy gets its 504 and
+costs no compute. Profile files are read off the event loop on every route that reads them."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import threading
 from collections.abc import Callable, Iterator
@@ -17,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.engine.calibration.fit import fit_profile
+from app.engine.calibration.store import ProfileStore
 from app.settings import Settings
 from app.web.app import create_app
 from tests.helpers import metric_value, until
@@ -114,3 +118,41 @@ def test_a_timeout_under_the_minimum_is_refused(client: TestClient, protocol: st
     assert answer.status_code == status, answer.text
     assert "0.01" in answer.text  # the minimum is named
     assert PROTOCOLS[protocol](client, png(5), timeout_s=5).status_code == 200
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_profile_files_are_read_off_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stat, a JSON read and a density load per lookup: on the event loop they would stall every
+    request in flight behind a slow disk."""
+    on_loop: list[tuple[str, bool]] = []
+    get, load_all = ProfileStore.get, ProfileStore.load_all
+
+    def watched_get(self: ProfileStore, name: str) -> Any:
+        on_loop.append(("get", _on_event_loop()))
+        return get(self, name)
+
+    def watched_load_all(self: ProfileStore) -> Any:
+        on_loop.append(("load_all", _on_event_loop()))
+        return load_all(self)
+
+    monkeypatch.setattr(ProfileStore, "get", watched_get)
+    monkeypatch.setattr(ProfileStore, "load_all", watched_load_all)
+    for answer in (
+        score_v1(client, png(3)),
+        score_v2(client, png(3)),
+        client.get("/v1/models"),
+        client.get("/v1/models/fake"),
+        client.get("/v2/models/fake"),
+    ):
+        assert answer.status_code == 200, answer.text
+    assert {call for call, _ in on_loop} == {"get", "load_all"}
+    assert [call for call, loop in on_loop if loop] == []
