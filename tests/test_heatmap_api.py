@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from matplotlib import colormaps
 from PIL import Image
 
+from app.engine.calibration.heatmap import HeatmapCalibration
 from app.settings import Settings
 from app.web.app import create_app
 from tests.helpers import until
@@ -69,6 +70,24 @@ def test_explain_and_features_share_the_profiles_scale(client: TestClient) -> No
     drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["heatmap_png"]))))[..., :3]
     expected = colormaps["inferno"](np.clip(z / (2 * hot), 0, 1))[..., :3] * 255
     assert np.abs(drawn.astype(float) - expected).max() <= 2  # 4-decimal rounding of z, uint8 colours
+
+
+def test_explain_with_features_calibrates_each_map_once(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calibrated: list[tuple[int, ...]] = []
+    apply = HeatmapCalibration.apply
+
+    def counted(self: HeatmapCalibration, heatmap: np.ndarray) -> np.ndarray:
+        calibrated.append(np.shape(heatmap))
+        return apply(self, heatmap)
+
+    monkeypatch.setattr(HeatmapCalibration, "apply", counted)
+    files = [("files", (f"{i}.png", face(i, square=i == 2), "image/png")) for i in (1, 2)]
+    response = client.post("/v1/score?explain=true&features=true", files=files)
+    assert response.status_code == 200, response.text
+    assert all(r["heatmap_png"] and r["features"]["heatmap"] for r in response.json()["results"])
+    assert calibrated == [(SIDE, SIDE)] * 2  # one map per image, once: the PNG is drawn from the same numbers
 
 
 def test_a_typical_image_is_cool(client: TestClient) -> None:

@@ -61,6 +61,37 @@ def heatmap_png(
     ``floor`` lifts the map so its hottest pixel is drawn at least there (``verdict_floor``: a flagged
     image never draws dark).
     """
+    return calibrated_png(
+        calibrated_heatmap(heatmap, calibration),
+        source_size,
+        box=box,
+        max_side=max_side,
+        colormap=colormap,
+        opacity=opacity,
+        calibration=calibration,
+        floor=floor,
+    )
+
+
+def calibrated_heatmap(heatmap: np.ndarray, calibration: HeatmapCalibration | None) -> np.ndarray:
+    """The map on the profile's scale (per-pixel z-scores: ``HeatmapCalibration.apply``); without heat-map
+    statistics the raw map, unchanged."""
+    return heatmap if calibration is None else calibration.apply(heatmap)
+
+
+def calibrated_png(
+    calibrated: np.ndarray,
+    source_size: tuple[int, int],
+    *,
+    box: tuple[int, int, int, int] | None = None,
+    max_side: int = 1024,
+    colormap: str = DEFAULT_COLORMAP,
+    opacity: float = 0.8,
+    calibration: HeatmapCalibration | None = None,
+    floor: float = 0.0,
+) -> bytes:
+    """``heatmap_png`` of a map already through ``calibrated_heatmap`` with the same ``calibration``: a
+    caller that also returns the calibrated numbers computes them once."""
     width, height = source_size
     scale = min(1.0, max_side / max(width, height, 1))
     canvas_w, canvas_h = max(1, round(width * scale)), max(1, round(height * scale))
@@ -70,11 +101,7 @@ def heatmap_png(
     else:
         left, top, right, bottom = (round(v * scale) for v in box)
         size, offset = (max(1, right - left), max(1, bottom - top)), (left, top)
-    colours = (
-        normalise(heatmap)
-        if calibration is None
-        else calibration.colour_scale(calibration.apply(heatmap), floor)
-    )
+    colours = normalise(calibrated) if calibration is None else calibration.colour_scale(calibrated, floor)
     rgba = (colormaps[colormap](colours) * 255.0 + 0.5).astype(np.uint8)
     rgba[..., 3] = round(255 * opacity)
     region = Image.fromarray(rgba).resize(size, Image.Resampling.BILINEAR)

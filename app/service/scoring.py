@@ -13,15 +13,16 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Protocol
+
+import numpy as np
 
 from app.bootstrap import engine_from_settings
 from app.engine.calibration.profile import Profile
 from app.engine.calibration.store import ProfileStore, validate_profile_name
 from app.engine.calibration.thresholds import DEFAULT_FPRS
-from app.engine.explain import heatmap_png, verdict_floor
+from app.engine.explain import calibrated_heatmap, calibrated_png, verdict_floor
 from app.engine.preprocessing import PreparedImage, declared_pixels
 from app.engine.types import ImageStats, MethodOptions, ModelInfo, Verdict
 from app.errors import (
@@ -36,14 +37,20 @@ from app.service.batcher import DynamicBatcher
 from app.service.decode_queue import DecodeQueue
 from app.service.metrics import BatchMetrics, Metrics
 from app.service.profile_admin import ProfileAdmin
+from app.service.results import (
+    ImageResult,
+    ModelDescription,
+    ModelStatus,
+    RefusedProfile,
+    ScoreOutcome,
+    ScoreTimings,
+    State,
+)
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 DRAIN_MARGIN_S = 2.0  # time left after the last deadline for one running batch to finish and answer
-
-State = Literal["loading", "ready", "failed", "draining", "stopped"]
-V = TypeVar("V")
 
 
 class Engine(Protocol):
@@ -59,23 +66,6 @@ class Engine(Protocol):
     def decode(self, data: bytes) -> PreparedImage: ...
     def run(self, batch: Sequence[PreparedImage]) -> list[ImageStats]: ...
     def memory(self) -> dict[str, float]: ...
-
-
-@dataclass
-class ImageResult:
-    id: str
-    verdict: Verdict
-    stats: ImageStats
-    heatmap_png: bytes | None = None
-
-
-@dataclass
-class ScoreOutcome:
-    results: list[ImageResult]
-    profile: Profile
-    model: ModelInfo
-    options: MethodOptions
-    timings: dict[str, float]  # seconds: decode, queue, compute, total; plus "batches"
 
 
 class ScoringService:
@@ -193,9 +183,11 @@ class ScoringService:
         *,
         profile: str | None = None,
         explain: bool = False,
+        heatmaps: bool = False,
         deadline: float | None = None,
     ) -> ScoreOutcome:
-        """Judge each (id, encoded bytes) against a profile; results in request order."""
+        """Judge each (id, encoded bytes) against a profile; results in request order. ``explain``: each
+        result carries a heat-map PNG; ``heatmaps``: each carries its calibrated map (``ImageResult``)."""
         t0 = time.monotonic()
         store = self._check_ready()
         if not images:
@@ -204,37 +196,50 @@ class ScoringService:
             raise PayloadTooLarge(
                 f"{len(images)} images in one request; at most {self.settings.max_images_per_request}"
             )
-        calibration = store.get(validate_profile_name(profile or self.settings.default_profile))
+        name = validate_profile_name(profile or self.settings.default_profile)
+        calibration = await asyncio.to_thread(store.get, name)  # a stat; a changed file is read and loaded
         prepared = await self._decode_all(images, deadline)
         t_decoded = time.monotonic()
         done = await self.batcher.run(prepared, deadline)
         verdicts = calibration.verdicts(done.outputs)
-        pngs: list[bytes | None] = [None] * len(prepared)
-        if explain:
-            side = self.settings.heatmap_max_side
-            draw = partial(heatmap_png, max_side=side, calibration=calibration.heatmap)  # the profile's scale
-            # each map lifted to its image's verdict (explain.verdict_floor): a flagged image never draws dark
-            floors = [verdict_floor(calibration, v) for v in verdicts]
-            jobs = [partial(draw, s.heatmap, p.source_size, box=p.crop_box, floor=f)
-                    for s, p, f in zip(done.outputs, prepared, floors, strict=True)]  # fmt: skip
-            pngs = await self._decoder.run(jobs, bounded=False)  # admitted work: never refused now
-            for png in pngs:
-                if isinstance(png, BaseException):
-                    raise png
+        maps: list[tuple[np.ndarray | None, bytes | None]] = [(None, None)] * len(prepared)
+        if explain or heatmaps:
+            maps = await self._explain(calibration, done.outputs, prepared, verdicts, explain)
         self._count_verdicts(calibration.name, verdicts)
         self.metrics.profile_default_fpr.labels(profile=calibration.name).set(calibration.default_fpr)
         results = [
-            ImageResult(image_id, verdict, stats, png)
-            for (image_id, _), verdict, stats, png in zip(images, verdicts, done.outputs, pngs, strict=True)
+            ImageResult(image_id, verdict, stats, png, heat if heatmaps else None)
+            for (image_id, _), verdict, stats, (heat, png) in zip(
+                images, verdicts, done.outputs, maps, strict=True
+            )
         ]
-        timings = {
-            "decode": t_decoded - t0,
-            "queue": done.queue_s,
-            "compute": done.compute_s,
-            "batches": float(done.batches),
-            "total": time.monotonic() - t0,
-        }
+        timings = ScoreTimings(
+            decode_s=t_decoded - t0,
+            queue_s=done.queue_s,
+            compute_s=done.compute_s,
+            total_s=time.monotonic() - t0,
+            batches=done.batches,
+        )
         return ScoreOutcome(results, calibration, self.engine.info, self.engine.options, timings)
+
+    async def _explain(
+        self,
+        calibration: Profile,
+        stats: list[ImageStats],
+        prepared: list[PreparedImage],
+        verdicts: list[Verdict],
+        draw: bool,
+    ) -> list[tuple[np.ndarray | None, bytes | None]]:
+        """Each map calibrated once on the profile's scale and, with ``draw``, its PNG drawn from it, on the
+        decode threads (admitted work: never refused now)."""
+        side = self.settings.heatmap_max_side if draw else None
+        jobs = [partial(_explain_image, calibration, s, p, v, side)
+                for s, p, v in zip(stats, prepared, verdicts, strict=True)]  # fmt: skip
+        maps = await self._decoder.run(jobs, bounded=False)
+        for done in maps:
+            if isinstance(done, BaseException):
+                raise done
+        return maps
 
     def _count_verdicts(self, profile: str, verdicts: list[Verdict]) -> None:
         for v in verdicts:
@@ -293,32 +298,45 @@ class ScoringService:
         await self._profile_admin.delete(self._check_ready(), name)
         self.metrics.forget_profile(name)
 
-    def model_ids(self) -> list[str]:
-        return [self.engine.info.model_id] if self.engine.ready else []
+    def model_info(self) -> ModelStatus:
+        """The service's state and, once loaded, the model (also after a failed profile load or while
+        draining)."""
+        return ModelStatus(self.state, self.ready, self.engine.info if self.engine.ready else None)
 
-    def describe_model(self, model_id: str | None = None) -> dict[str, Any]:
-        """Base model metadata, method options and calibration profiles (usable and refused)."""
+    async def describe_model(self, model_id: str | None = None) -> ModelDescription:
+        """Base model metadata, method options and calibration profiles (usable and refused); the profile
+        files are read off the event loop."""
         store = self._check_ready()
         info = self.engine.info
         if model_id is not None and model_id not in (info.model_id, info.name):
             raise ModelNotFound(f"no model {model_id!r}; this service runs {info.model_id}")
-        profiles, refused = [], []
-        for name, loaded in store.load_all().items():
-            if isinstance(loaded, ProfileMismatch):
-                refused.append({"name": name, "reason": str(loaded)})
-            else:
-                profiles.append(loaded.summary())
-        return {
-            **info.to_dict(),
-            "id": info.model_id,
-            "options": self.engine.options.to_dict(),
-            "default_profile": self.settings.default_profile,
-            "profiles": profiles,
-            "refused_profiles": refused,
-        }
+        loaded = await asyncio.to_thread(store.load_all)
+        return ModelDescription(
+            info=info,
+            options=self.engine.options,
+            default_profile=self.settings.default_profile,
+            profiles=[p for p in loaded.values() if isinstance(p, Profile)],
+            refused_profiles=[
+                RefusedProfile(name, str(p)) for name, p in loaded.items() if isinstance(p, ProfileMismatch)
+            ],
+        )
 
     def update_gauges(self) -> None:
         self.metrics.queued_images.set(self.batcher.queued)
         if self.engine.ready:
             for kind, value in self.engine.memory().items():
                 self.metrics.device_memory.labels(kind=kind).set(value)
+
+
+def _explain_image(
+    calibration: Profile, stats: ImageStats, prepared: PreparedImage, verdict: Verdict, max_side: int | None
+) -> tuple[np.ndarray, bytes | None]:
+    """The calibrated map and, with a ``max_side``, its PNG on the profile's scale, lifted to the
+    image's verdict (``explain.verdict_floor``: a flagged image never draws dark)."""
+    heat = calibrated_heatmap(stats.heatmap, calibration.heatmap)
+    if max_side is None:
+        return heat, None
+    floor = verdict_floor(calibration, verdict)
+    png = calibrated_png(heat, prepared.source_size, box=prepared.crop_box, max_side=max_side,
+                         calibration=calibration.heatmap, floor=floor)  # fmt: skip
+    return heat, png

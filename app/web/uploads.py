@@ -13,7 +13,6 @@ import binascii
 import contextlib
 import json
 import re
-import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -24,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from app.web.errors import ClientGone
 from app.web.schemas import ImageIn
 
@@ -58,9 +57,7 @@ async def read_upload(request: Request, json_model: type[M], max_images: int) ->
     if kind == "multipart/form-data":
         return await _read_multipart(request, max_images)
     if kind == "application/json":
-        raw = bytearray()  # grown in place: no list of chunks beside the joined copy
-        async for chunk in request.stream():
-            raw += chunk
+        raw = await read_body(request)
         async with parse_slot(request):
             return await asyncio.to_thread(_parse_json_upload, json_model, raw, max_images)
     if kind in RAW_IMAGE_TYPES:
@@ -72,17 +69,13 @@ async def read_upload(request: Request, json_model: type[M], max_images: int) ->
     )
 
 
-async def read_upload_by(request: Request, json_model: type[M], max_images: int, deadline: float) -> Upload:
-    """``read_upload`` that ends with DeadlineExceeded at ``deadline`` (a ``time.monotonic()`` value): a
-    body that trickles in (slow upload) cannot hold a connection past the request's deadline."""
-    try:
-        return await asyncio.wait_for(
-            read_upload(request, json_model, max_images), max(0.0, deadline - time.monotonic())
-        )
-    except TimeoutError as exc:
-        if isinstance(exc, DeadlineExceeded):
-            raise
-        raise DeadlineExceeded("the request body did not arrive before the request deadline") from None
+async def read_body(request: Request) -> bytearray:
+    """The whole body, grown in place: no list of chunks beside the joined copy. Under a deadline:
+    ``Deadline.read`` (app/web/deadline.py)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+    return body
 
 
 async def _read_multipart(request: Request, max_images: int) -> Upload:

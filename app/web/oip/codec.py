@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from app.errors import InvalidInput, PayloadTooLarge
-from app.service.scoring import ScoreOutcome
+from app.service.results import ScoreOutcome
 from app.web.oip.wire import (
     HEATMAP,
     INPUT_NAME,

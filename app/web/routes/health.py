@@ -31,9 +31,9 @@ async def livez(service: ServiceDep) -> Health:
 async def readyz(service: ServiceDep) -> JSONResponse:
     """200 once the model is loaded and warmed up; 503 while loading, after a failed load, and when
     draining after SIGTERM (the reason of a failed load is in the server log)."""
-    model_id = service.engine.info.model_id if service.engine.ready else None
-    body = Health(status=service.state, live=True, ready=service.ready, model_id=model_id)
-    return JSONResponse(body.model_dump(), status_code=200 if service.ready else 503)
+    model = service.model_info()
+    body = Health(status=model.state, live=True, ready=model.ready, model_id=model.model_id)
+    return JSONResponse(body.model_dump(), status_code=200 if model.ready else 503)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})

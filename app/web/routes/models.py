@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
-from fastapi.concurrency import run_in_threadpool
 
 from app.engine.calibration.thresholds import DEFAULT_FPRS, MAX_FPRS
 from app.errors import InvalidInput, Overloaded, Unauthorized
+from app.service.results import ModelDescription
 from app.service.scoring import ScoringService
 from app.settings import Settings
+from app.web.deadline import Deadline, RequestDeadline
 from app.web.deps import (
     AdminAccess,
     AdminKeyAccess,
@@ -35,7 +35,7 @@ from app.web.schemas import (
     ProfileRequest,
     ProfileSummary,
 )
-from app.web.uploads import form_flag, read_upload, read_upload_by, until_disconnected
+from app.web.uploads import form_flag, read_upload, until_disconnected
 
 router = APIRouter(tags=["models"])
 
@@ -84,8 +84,7 @@ PROFILE_FORM_FIELDS: dict[str, dict[str, Any]] = {
 )
 async def list_models(service: ServiceDep) -> ModelList:
     """The loaded base model with its method options and calibration profiles."""
-    card = await run_in_threadpool(service.describe_model)  # reads the profile files
-    return ModelList(models=[ModelCard.model_validate(card)])
+    return ModelList(models=[model_card(await service.describe_model())])
 
 
 @router.get(
@@ -96,7 +95,21 @@ async def list_models(service: ServiceDep) -> ModelList:
 )
 async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
     """One model by id (``name@weights-hash``) or by name."""
-    return ModelCard.model_validate(await run_in_threadpool(service.describe_model, model_id))
+    return model_card(await service.describe_model(model_id))
+
+
+def model_card(described: ModelDescription) -> ModelCard:
+    info = described.info
+    return ModelCard.model_validate(
+        {
+            **info.to_dict(),
+            "id": info.model_id,
+            "options": described.options.to_dict(),
+            "default_profile": described.default_profile,
+            "profiles": [p.summary() for p in described.profiles],
+            "refused_profiles": [{"name": r.name, "reason": r.reason} for r in described.refused_profiles],
+        }
+    )
 
 
 @router.post(
@@ -108,14 +121,16 @@ async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
     openapi_extra=request_body(ProfileRequest, PROFILE_FORM_FIELDS, ["name"], raw_image=False),
     summary="Create a calibration profile from normal images (admin)",
 )
-async def create_profile(request: Request, service: ServiceDep, settings: SettingsDep) -> ProfileSummary:
+async def create_profile(
+    request: Request, service: ServiceDep, settings: SettingsDep, deadline: RequestDeadline
+) -> ProfileSummary:
     """Fit a calibration profile for a new domain from 10 or more of its normal images. The images go
     through the same queue as scoring; the profile is saved under the model's profiles folder and is usable
     by the next request. Needs an admin key (DDM_ADMIN_API_KEYS; scoring keys get 403), or
     DDM_ALLOW_OPEN_PROFILE_CREATION when no keys are set: such anonymous uploads get the scoring body cap
     and must arrive within the request deadline. At most DDM_PROFILE_CREATIONS at a time (503 beyond)."""
     async with _creation_slot(request, settings):
-        return await _create_profile(request, service, settings)
+        return await _create_profile(request, service, settings, deadline)
 
 
 @asynccontextmanager
@@ -133,13 +148,12 @@ async def _creation_slot(request: Request, settings: Settings) -> AsyncIterator[
         state.profile_creations -= 1
 
 
-async def _create_profile(request: Request, service: ScoringService, settings: Settings) -> ProfileSummary:
-    if open_profile_creation(settings):
-        received = request.scope["state"].get("received_at", time.monotonic())
-        deadline = received + settings.request_timeout_s
-        upload = await read_upload_by(request, ProfileRequest, settings.max_profile_images, deadline)
-    else:
-        upload = await read_upload(request, ProfileRequest, settings.max_profile_images)
+async def _create_profile(
+    request: Request, service: ScoringService, settings: Settings, deadline: Deadline
+) -> ProfileSummary:
+    reading = read_upload(request, ProfileRequest, settings.max_profile_images)
+    # anonymous uploads (open creation) must arrive within the request deadline; an admin's may take longer
+    upload = await (deadline.read(reading) if open_profile_creation(settings) else reading)
     if isinstance(upload.body, ProfileRequest):
         body = upload.body
         options: dict[str, Any] = {

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import base64
 import math
-import time
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
-from fastapi.exceptions import RequestValidationError
 
-from app.engine.calibration.heatmap import HeatmapCalibration
-from app.service.scoring import ImageResult, ScoreOutcome
+from app.service.results import ImageResult, ScoreOutcome
+from app.web.deadline import ScoreDeadline
 from app.web.deps import Admission, ClientAccess, RequestId, ServiceDep, SettingsDep
 from app.web.errors import error_responses
 from app.web.openapi import request_body
@@ -27,7 +25,7 @@ from app.web.schemas import (
     ScoreResponse,
     Timings,
 )
-from app.web.uploads import form_flag, read_upload_by, until_disconnected
+from app.web.uploads import form_flag, read_upload, until_disconnected
 
 router = APIRouter(tags=["scoring"])
 
@@ -57,6 +55,7 @@ async def score(
     service: ServiceDep,
     settings: SettingsDep,
     request_id: RequestId,
+    deadline: ScoreDeadline,
     profile: Annotated[
         str | None,
         Query(
@@ -68,41 +67,24 @@ async def score(
     ] = None,
     explain: Annotated[bool, Query(description="add a heat-map PNG per image")] = False,
     features: Annotated[bool, Query(description="add feature vectors and per-timestep statistics")] = False,
-    timeout_s: Annotated[
-        float | None,
-        Query(
-            gt=0,
-            description="deadline for this request in seconds, at least DDM_MIN_REQUEST_TIMEOUT_S (the "
-            "schema's minimum); capped at the server's DDM_REQUEST_TIMEOUT_S",
-        ),
-    ] = None,
 ) -> ScoreResponse:
     """Send images as multipart ``files`` parts, as JSON ``{"images": [{"id", "data": base64}]}``, or one
     raw image body. Options come from the query, from form fields, or from the JSON body (the body wins).
     Results keep request order. Past the deadline the answer is 504; a full queue answers 503 with
     Retry-After at once."""
-    if timeout_s is not None and timeout_s < settings.min_request_timeout_s:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "greater_than_equal",
-                    "loc": ("query", "timeout_s"),
-                    "msg": f"Input should be greater than or equal to {settings.min_request_timeout_s:g}",
-                    "input": timeout_s,
-                }
-            ]
-        )
-    received = request.scope["state"].get("received_at", time.monotonic())
-    deadline = received + min(settings.request_timeout_s, timeout_s or math.inf)
-    upload = await read_upload_by(request, ScoreRequest, settings.max_images_per_request, deadline)
+    upload = await deadline.read(read_upload(request, ScoreRequest, settings.max_images_per_request))
     body = upload.body if isinstance(upload.body, ScoreRequest) else None
     chosen_profile = _first(body and body.profile, upload.fields.get("profile"), profile)
     want_explain = bool(_first(body and body.explain, form_flag(upload.fields, "explain"), explain))
     want_features = bool(_first(body and body.features, form_flag(upload.fields, "features"), features))
-    outcome = await until_disconnected(
-        request,
-        service.score(upload.images, profile=chosen_profile, explain=want_explain, deadline=deadline),
+    scoring = service.score(
+        upload.images,
+        profile=chosen_profile,
+        explain=want_explain,
+        heatmaps=want_features,
+        deadline=deadline.at,
     )
+    outcome = await until_disconnected(request, scoring)
     return score_response(outcome, request_id, want_features)
 
 
@@ -128,31 +110,28 @@ def score_response(outcome: ScoreOutcome, request_id: str, with_features: bool) 
             default_fpr=profile.default_fpr,
             n_reference=profile.n_reference,
         ),
-        results=[_image_score(r, with_features, outcome.profile.heatmap) for r in outcome.results],
+        results=[_image_score(r, with_features, outcome.heatmap_threshold) for r in outcome.results],
         timings=Timings(
-            decode_ms=1000 * t["decode"],
-            queue_ms=1000 * t["queue"],
-            compute_ms=1000 * t["compute"],
-            total_ms=1000 * t["total"],
-            batches=int(t["batches"]),
+            decode_ms=1000 * t.decode_s,
+            queue_ms=1000 * t.queue_s,
+            compute_ms=1000 * t.compute_s,
+            total_ms=1000 * t.total_s,
+            batches=t.batches,
         ),
     )
 
 
-def _image_score(
-    result: ImageResult, with_features: bool, heatmap_scale: HeatmapCalibration | None
-) -> ImageScore:
-    v, stats = result.verdict, result.stats
+def _image_score(result: ImageResult, with_features: bool, heatmap_threshold: float | None) -> ImageScore:
+    v, stats, heat = result.verdict, result.stats, result.heatmap
     detail = None
-    if with_features:
-        heat = stats.heatmap if heatmap_scale is None else heatmap_scale.apply(stats.heatmap)
+    if with_features and heat is not None:  # the service calibrated the map (``heatmaps``)
         detail = FeatureDetail(
             vector=_finite(stats.features.tolist()),
             timesteps=[int(t) for t in stats.timesteps.tolist()],
             step_sums=[_finite(row) for row in stats.step_sums.tolist()],
             delta_sums=[_finite(row) for row in stats.delta_sums.tolist()],
             heatmap=[_finite(row) for row in np.round(heat, 4).tolist()],
-            heatmap_threshold=None if heatmap_scale is None else heatmap_scale.hot,
+            heatmap_threshold=heatmap_threshold,
         )
     return ImageScore(
         id=result.id,

@@ -17,16 +17,15 @@ header). The wire schema and the tensor codec are in ``app.web.oip``.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
 from app import __version__
-from app.errors import DeadlineExceeded, InvalidInput, ModelNotFound
+from app.errors import InvalidInput, ModelNotFound, ModelNotReady
 from app.service.scoring import ScoringService
-from app.settings import Settings
+from app.web.deadline import Deadline, RequestDeadline, TimeoutTooShort
 from app.web.deps import Admission, ClientAccess, ServiceDep, SettingsDep
 from app.web.oip.codec import encode_response, read_infer
 from app.web.oip.errors import oip_errors
@@ -46,7 +45,7 @@ from app.web.oip.wire import (
     ServerMetadata,
 )
 from app.web.openapi import inline_schema
-from app.web.uploads import parse_slot, until_disconnected
+from app.web.uploads import parse_slot, read_body, until_disconnected
 
 router = APIRouter(tags=["open inference protocol v2"])
 
@@ -62,9 +61,10 @@ async def server_metadata() -> ServerMetadata:
 
 def _model(service: ScoringService, name: str, version: str | None = None) -> tuple[str, str]:
     """(name, version) of the loaded model if ``name`` (and ``version``) name it; else ModelNotFound."""
-    if not service.engine.ready:
-        service.admit()  # raises: loading or failed
-    info = service.engine.info
+    info = service.model_info().info
+    if info is None:
+        service.admit()  # raises: loading, failed or draining
+        raise ModelNotReady("the model is not loaded")
     model_version = info.model_id.rpartition("@")[2]
     if name not in (info.name, info.model_id) or version not in (None, model_version):
         shown = f"{name} version {version}" if version else name
@@ -94,8 +94,8 @@ async def model_metadata(
     name the default calibration profile and the profiles on disk (choose one per request with the
     request parameter ``profile``)."""
     name, version = _model(service, model_name, model_version)
-    card = await asyncio.to_thread(service.describe_model)  # reads the profile files
-    profiles = ",".join(p["name"] for p in card["profiles"])
+    described = await service.describe_model()
+    profiles = ",".join(p.name for p in described.profiles)
     outputs = [MetadataTensor(name=n, datatype=t, shape=[-1]) for n, t in OUTPUTS.items()]
     outputs.append(MetadataTensor(name=HEATMAP, datatype="BYTES", shape=[-1]))
     return ModelMetadata(
@@ -107,7 +107,7 @@ async def model_metadata(
         parameters={
             "profile": settings.default_profile,
             "profiles": profiles,
-            "method": card["options"].get("method", ""),
+            "method": described.options.method,
             "max_images_per_request": settings.max_images_per_request,
         },
     )
@@ -167,14 +167,13 @@ async def infer(
     model_name: ModelName,
     service: ServiceDep,
     settings: SettingsDep,
+    deadline: RequestDeadline,
     model_version: str | None = None,
 ) -> Response:
     """One BYTES tensor of encoded images in, per-image score, threshold, is_anomaly, percentile and
     p_value out (``heatmap`` too when listed in ``outputs`` or with the parameter ``explain``)."""
     name, version = _model(service, model_name, model_version)
-    received = request.scope["state"].get("received_at", time.monotonic())
-    deadline = received + settings.request_timeout_s
-    body = await _read_body(request, deadline)
+    body = await deadline.read(read_body(request))
     header_length = request.headers.get(HEADER_LENGTH)
     async with parse_slot(request):
         infer_request, wanted, images = await asyncio.to_thread(
@@ -184,38 +183,22 @@ async def infer(
     profile = params.get("profile")
     if profile is not None and not isinstance(profile, str):
         raise InvalidInput("parameter 'profile' must be a string")
-    deadline = _requested_deadline(params, received, deadline, settings)
+    deadline = _requested_deadline(params, deadline)
     outcome = await until_disconnected(
-        request, service.score(images, profile=profile, explain=HEATMAP in wanted, deadline=deadline)
+        request, service.score(images, profile=profile, explain=HEATMAP in wanted, deadline=deadline.at)
     )
     response = InferResponse(model_name=name, model_version=version, id=infer_request.id, outputs=[])
     return encode_response(response, outcome, infer_request, wanted, params)
 
 
-def _requested_deadline(
-    params: dict[str, Parameter], received: float, deadline: float, settings: Settings
-) -> float:
+def _requested_deadline(params: dict[str, Parameter], deadline: Deadline) -> Deadline:
     """``deadline``, shortened by the request parameter ``timeout`` (microseconds, Triton's name)."""
     timeout_us = params.get("timeout")
     if timeout_us is None:
         return deadline
     if isinstance(timeout_us, bool) or not isinstance(timeout_us, int | float) or timeout_us <= 0:
         raise InvalidInput("parameter 'timeout' must be a positive number of microseconds")
-    if timeout_us / 1e6 < settings.min_request_timeout_s:
-        raise InvalidInput(f"parameter 'timeout' must be at least {settings.min_request_timeout_s:g} s")
-    return min(deadline, received + timeout_us / 1e6)
-
-
-async def _read_body(request: Request, deadline: float) -> bytearray:
-    async def read() -> bytearray:
-        body = bytearray()  # grown in place: no list of chunks beside the joined copy
-        async for chunk in request.stream():
-            body += chunk
-        return body
-
     try:
-        return await asyncio.wait_for(read(), max(0.0, deadline - time.monotonic()))
-    except TimeoutError as exc:
-        if isinstance(exc, DeadlineExceeded):
-            raise
-        raise DeadlineExceeded("the request body did not arrive before the request deadline") from None
+        return deadline.shortened(timeout_us / 1e6)
+    except TimeoutTooShort as exc:
+        raise InvalidInput(f"parameter 'timeout' must be at least {exc} s") from None
