@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from app.engine.calibration.thresholds import DEFAULT_FPRS, MAX_FPRS
+from app.engine.calibration.limits import DEFAULT_FPRS, MAX_FPRS
 from app.errors import InvalidInput, Overloaded, Unauthorized
 from app.service.scoring import ScoringService
 from app.settings import Settings
