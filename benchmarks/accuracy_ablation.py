@@ -23,6 +23,7 @@ import torch
 
 from app.bootstrap import set_engine_threads
 from app.engine.calibration.fit import fit_profile
+from app.engine.methods import density_reg
 from app.engine.methods.diffpath_v2 import amplified_error
 from app.engine.methods.path_sums import PathAccumulator, stein_error
 from app.engine.scorer import Scorer
@@ -113,11 +114,11 @@ def fit_size_rows(
                 runs.append(evaluate({**feats, "fit": fit_all[subset]}, opts))
             aurocs = {ood: float(np.mean([r[ood] for r in runs])) for ood in OOD_SETS}
             row = {"steps": steps, "variant": variant, "aggregation": aggregation, "fit_size": n, **aurocs}
-            row["covariance_reg"] = opts.density_reg()
+            row["covariance_reg"] = density_reg(opts)
             row["mean"] = float(np.mean(list(aurocs.values())))
             rows.append(row)
             print(
-                f"fit on {n:<5} {aggregation:<9} reg {opts.density_reg():<6} "
+                f"fit on {n:<5} {aggregation:<9} reg {density_reg(opts):<6} "
                 + " ".join(f"{aurocs[s]:.3f}" for s in OOD_SETS)
                 + f"  mean {row['mean']:.3f}",
                 flush=True,
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             for density, o in density_grid:
                 aurocs = evaluate(feats, o)
                 row = {
-                    "covariance_reg": o.density_reg(),
+                    "covariance_reg": density_reg(o),
                     "steps": steps,
                     "t_max_fraction": t_max,
                     "trajectory": trajectory,

@@ -203,15 +203,16 @@ def spawn_server(env: dict[str, str], workdir: Path) -> tuple[subprocess.Popen[b
         "DDM_ALLOW_OPEN_PROFILE_CREATION": "true",
         **env,
     }
-    log = (workdir / f"server-{port}.log").open("wb")  # one per server when a folder holds several
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve"], cwd=ROOT, env=full_env, stdout=log, stderr=log
-    )
+    log_path = workdir / f"server-{port}.log"  # one per server when a folder holds several
+    with log_path.open("wb") as log:  # the server writes to its own copy of the descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve"], cwd=ROOT, env=full_env, stdout=log, stderr=log
+        )
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 300
     while time.monotonic() < end:
         if process.poll() is not None:
-            raise SystemExit(f"server exited during start-up; see {log.name}")
+            raise SystemExit(f"server exited during start-up; see {log_path}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return process, url

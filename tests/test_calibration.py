@@ -20,6 +20,7 @@ from app.engine.calibration.thresholds import (
     fpr_intervals_for,
     wide_intervals,
 )
+from app.engine.methods import density_reg
 from app.engine.types import ImageStats, MethodOptions
 from app.errors import InvalidInput, ProfileConflict, ProfileMismatch, ProfileNotFound
 
@@ -137,7 +138,7 @@ def test_few_reference_images_with_many_features_give_a_stable_density() -> None
     for reg in (None, 1e-4):
         profile = fit_profile("few", reference, model_id="m", options=MethodOptions(covariance_reg=reg))
         swing[reg] = np.abs(profile.score(rounded) - profile.score(probe)).max()
-    assert MethodOptions().density_reg() == 0.1 and MethodOptions(aggregation="sum").density_reg() == 1e-4
+    assert density_reg(MethodOptions()) == 0.1 and density_reg(MethodOptions(aggregation="sum")) == 1e-4
     assert swing[None] < 1e-4 < swing[1e-4]  # ~1e-5 vs ~1.5e-3
 
 
@@ -154,7 +155,7 @@ def test_thresholds_come_from_cross_fitted_scores_not_in_sample() -> None:
     # the held-out scores by hand: 5 folds, the same split, each fold scored by the others' density
     held_out = np.empty(len(f))
     for train, test in KFold(5, shuffle=True, random_state=RANDOM_STATE).split(f):
-        density = GaussianMixtureDensity.fit(f[train], reg_covar=OPTIONS.density_reg())
+        density = GaussianMixtureDensity.fit(f[train], reg_covar=density_reg(OPTIONS))
         held_out[test] = -density.log_density(f[test])
     np.testing.assert_allclose(profile.calibration_scores, np.sort(held_out), rtol=1e-9)
     assert profile.threshold == conformal_threshold(np.sort(held_out), 0.05)

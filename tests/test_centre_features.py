@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from app.engine.calibration.store import ProfileStore
+from app.engine.methods import density_reg
 from app.engine.methods.path_sums import PathAccumulator, centre_border_energy
 from app.engine.types import MethodOptions
 from app.errors import ProfileMismatch
@@ -51,7 +52,7 @@ def test_per_step_centre_features_are_log_region_energies_of_steps_then_rates():
 def test_the_default_is_per_step_centre_and_profiles_keep_their_own_features(tmp_path: Path):
     shipped = json.loads((SHIPPED_MODEL / "profiles" / "default.json").read_text())
     assert MethodOptions().aggregation == "per-step-centre" == shipped["options"]["aggregation"]
-    assert MethodOptions().density_reg() == 0.1
+    assert density_reg(MethodOptions()) == 0.1
     # a profile fitted on the whole-image per-step energies (the default before) loads under its own
     # options, and a service with the new default serves it with those, not with the service's features
     old = {**shipped, "options": {**shipped["options"], "aggregation": "per-step"}}

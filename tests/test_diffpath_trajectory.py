@@ -19,11 +19,11 @@ import torch
 from app.engine.calibration.fit import fit_profile
 from app.engine.calibration.profile import Profile
 from app.engine.model.loading import LoadedModel
+from app.engine.model.schedule import float64_alphas_cumprod, recipe_alphas_cumprod
 from app.engine.statistics import path_statistics
 from app.engine.trajectory import (
     diffpath_schedule,
     diffpath_timesteps,
-    float64_alphas_cumprod,
     model_alphas_cumprod_float64,
     trajectory_grid,
     walk,
@@ -66,10 +66,8 @@ class ReplayRuntime:
 
 
 def replay_model(tmp_path: Path, ref: dict, scheduler: dict | None = COSINE_4000) -> LoadedModel:
-    """A LoadedModel whose 'network' replays the fixture; the folder holds only the scheduler config."""
-    if scheduler is not None:
-        (tmp_path / "scheduler").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    """A LoadedModel whose 'network' replays the fixture, with the float64 schedule the loader reads from
+    the scheduler config ``scheduler`` (None: no config)."""
     abar = ref["alphas_cumprod_4000_cosine"]
     info = ModelInfo(
         model_id=f"replay@{tmp_path.name}",
@@ -94,6 +92,7 @@ def replay_model(tmp_path: Path, ref: dict, scheduler: dict | None = COSINE_4000
         autocast_dtype=None,
         info=info,
         runtime=ReplayRuntime(ref["traj_model_eps_raw"]),
+        recipe_alphas_cumprod64=recipe_alphas_cumprod(scheduler, abar.float()),
     )
 
 
@@ -268,3 +267,23 @@ def test_imported_tiny_model_gives_diffpaths_statistics(imported_tiny: Path, ref
     errors = dict(zip(STAT_NAMES, np.max(np.abs(ours - theirs) / np.abs(theirs), axis=0), strict=True))
     assert all(errors[name] <= 1e-4 for name in ("eps_sum", "eps_sum_sq", "eps_sum_cb", "deps_dt_sq")), errors
     assert errors["deps_dt"] <= 1e-3 and errors["deps_dt_cb"] <= 1e-3, errors
+
+
+def test_the_loader_reads_the_float64_schedule_and_the_walk_reads_no_file(tmp_path: Path) -> None:
+    import shutil
+
+    from app.engine.model.loading import load_model
+    from tests.helpers import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "plain")  # diffusers' linear schedule, T = 100
+    model = load_model(folder, device="cpu", dtype="float32", runtime="torch")
+    exact = np.cumprod(1.0 - np.linspace(0.0001, 0.02, 100))
+    assert np.array_equal(model_alphas_cumprod_float64(model), exact)
+    # not the float32 schedule widened: diffusers rounds its betas to float32
+    assert not np.array_equal(exact, model.alphas_cumprod.double().numpy())
+    shutil.rmtree(folder)  # everything the walk needs was read at load time
+    x0 = torch.zeros(1, 3, 16, 16)
+    with torch.inference_mode():
+        steps = list(walk(model, x0, trajectory_grid("diffpath", 100, 5), "diffpath"))
+    respaced = diffpath_schedule(exact, trajectory_grid("diffpath", 100, 5))
+    assert [float(s.abar) for s in steps] == [float(a) for a in respaced.abar]

@@ -12,7 +12,7 @@ from pytorch_msssim import ssim as library_ssim
 
 from app.engine.methods.diffpath_v2 import amplified_error
 from app.engine.methods.path_sums import PathAccumulator, power_sums, stein_error
-from app.engine.model.loading import alphas_cumprod_from_config
+from app.engine.model.schedule import alphas_cumprod_from_config
 from app.engine.preprocessing import prepare
 from app.engine.ssim import ssim_map
 from app.engine.trajectory import TrajectoryStep, ddim_step, implied_noise, predict_x0, trajectory_timesteps

@@ -71,36 +71,41 @@ def test_generated_client_scores_json_and_multipart(server: LiveServer, generate
             models.ScoreV1ScorePostJsonScoreRequestImageIn(data=base64.b64encode(digit).decode(), id="digit"),
         ]
     )
-    client = generated.Client(base_url=server.url, timeout=httpx.Timeout(120.0))
-    answer = score_api.sync_detailed(client=client, body=body, features=True)
-    assert answer.status_code == 200, answer.content
-    parsed = answer.parsed
-    assert isinstance(parsed, models.ScoreResponse)
-    assert [r.id for r in parsed.results] == ["face", "digit"]
-    assert parsed.profile.name == "default"
-    digit_result = parsed.results[1]
-    assert digit_result.is_anomaly is True and digit_result.score > digit_result.threshold  # AUROC 1.0 set
-    raw = httpx.post(
-        f"{server.url}/v1/score", json={"images": [{"id": "face", "data": body.images[0].data}]}, timeout=120
-    ).json()
-    assert parsed.results[0].score == pytest.approx(raw["results"][0]["score"], rel=1e-9)
+    with generated.Client(base_url=server.url, timeout=httpx.Timeout(120.0)) as client:
+        answer = score_api.sync_detailed(client=client, body=body, features=True)
+        assert answer.status_code == 200, answer.content
+        parsed = answer.parsed
+        assert isinstance(parsed, models.ScoreResponse)
+        assert [r.id for r in parsed.results] == ["face", "digit"]
+        assert parsed.profile.name == "default"
+        digit_result = parsed.results[1]
+        # AUROC 1.0 set
+        assert digit_result.is_anomaly is True and digit_result.score > digit_result.threshold
+        raw = httpx.post(
+            f"{server.url}/v1/score",
+            json={"images": [{"id": "face", "data": body.images[0].data}]},
+            timeout=120,
+        ).json()
+        assert parsed.results[0].score == pytest.approx(raw["results"][0]["score"], rel=1e-9)
 
-    # the multipart body the generator built from the schema: one ``files`` part per image
-    files_body = models.ScoreV1ScorePostFilesBody(files=[types.File(payload=digit, file_name="digit.png")])
-    answer = score_api.sync_detailed(client=client, body=files_body)
-    assert answer.status_code == 200, answer.content
-    assert answer.parsed.results[0].score == pytest.approx(digit_result.score, rel=1e-9)
+        # the multipart body the generator built from the schema: one ``files`` part per image
+        files_body = models.ScoreV1ScorePostFilesBody(
+            files=[types.File(payload=digit, file_name="digit.png")]
+        )
+        answer = score_api.sync_detailed(client=client, body=files_body)
+        assert answer.status_code == 200, answer.content
+        assert answer.parsed.results[0].score == pytest.approx(digit_result.score, rel=1e-9)
 
 
 def test_generated_client_gets_typed_errors(server: LiveServer, generated: Any) -> None:
     score_api = importlib.import_module(f"{PACKAGE}.api.scoring.score_v1_score_post")
     models = importlib.import_module(f"{PACKAGE}.models")
-    client = generated.Client(base_url=server.url, timeout=httpx.Timeout(60.0))
-    unknown = models.ScoreV1ScorePostJsonScoreRequest(
-        images=[models.ScoreV1ScorePostJsonScoreRequestImageIn(data=base64.b64encode(b"x").decode())],
-        profile="no-such-profile",
-    )
-    answer = score_api.sync_detailed(client=client, body=unknown)
-    assert answer.status_code == 404  # the profile is looked up before any image is decoded
-    assert isinstance(answer.parsed, models.ErrorBody)
-    assert answer.parsed.error.code == "profile_not_found"
+    with generated.Client(base_url=server.url, timeout=httpx.Timeout(60.0)) as client:
+        unknown = models.ScoreV1ScorePostJsonScoreRequest(
+            images=[models.ScoreV1ScorePostJsonScoreRequestImageIn(data=base64.b64encode(b"x").decode())],
+            profile="no-such-profile",
+        )
+        answer = score_api.sync_detailed(client=client, body=unknown)
+        assert answer.status_code == 404  # the profile is looked up before any image is decoded
+        assert isinstance(answer.parsed, models.ErrorBody)
+        assert answer.parsed.error.code == "profile_not_found"

@@ -23,7 +23,16 @@ from app.commands.setting_flags import choices
 from app.engine.calibration.density import GaussianMixtureDensity
 from app.engine.calibration.fit import fit_profile
 from app.engine.calibration.store import ProfileStore
-from app.engine.methods import METHODS, BatchStats, PathMethod, get, names, register, unregister
+from app.engine.methods import (
+    METHODS,
+    BatchStats,
+    PathMethod,
+    density_reg,
+    get,
+    names,
+    register,
+    unregister,
+)
 from app.engine.methods.path_sums import PathAccumulator, stein_error
 from app.engine.scorer import Scorer
 from app.engine.trajectory import TrajectoryStep
@@ -106,8 +115,8 @@ def test_a_registered_method_is_known_everywhere_and_forgotten_after(toy: str) -
     engine_flags = argparse.ArgumentParser()
     add_engine_args(engine_flags)
     assert settings_from_args(engine_flags.parse_args(["--method", toy])).method == toy
-    assert MethodOptions(method=toy).density_reg() == 0.5
-    assert MethodOptions(method=toy, covariance_reg=0.2).density_reg() == 0.2
+    assert density_reg(MethodOptions(method=toy)) == 0.5
+    assert density_reg(MethodOptions(method=toy, covariance_reg=0.2)) == 0.2
     with pytest.raises(ValueError, match="registered already"):
         register(ToySteinEnergy())
     unregister(toy)

@@ -17,13 +17,11 @@ Three trajectories (``MethodOptions.trajectory``):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -126,57 +124,17 @@ def predict_noise_and_embedding(
 
 
 # --- DiffPath's trajectory: float64 schedule, float32 coefficients ---------------------------------------
-def float64_alphas_cumprod(scheduler_config: dict) -> np.ndarray | None:
-    """abar_t of a diffusers scheduler config recomputed in float64 from its beta recipe, as
-    improved-diffusion computes it in numpy (diffusers itself rounds the betas to float32, which moves
-    sqrt(1/abar - 1) at t = 0 by 0.3%). None for a recipe this does not know."""
-    steps = int(scheduler_config.get("num_train_timesteps", 1000))
-    trained = scheduler_config.get("trained_betas")
-    schedule = scheduler_config.get("beta_schedule", "linear")
-    start = float(scheduler_config.get("beta_start", 0.0001))
-    end = float(scheduler_config.get("beta_end", 0.02))
-    if trained is not None:
-        betas = np.asarray(trained, dtype=np.float64)
-    elif schedule == "linear":
-        betas = np.linspace(start, end, steps, dtype=np.float64)
-    elif schedule == "scaled_linear":
-        betas = np.linspace(start**0.5, end**0.5, steps, dtype=np.float64) ** 2
-    elif schedule == "squaredcos_cap_v2":  # improved-diffusion's cosine, betas capped at 0.999
-
-        def alpha_bar(t: float) -> float:
-            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        betas = np.array(
-            [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)],
-            dtype=np.float64,
-        )
-    else:
-        return None
-    return np.cumprod(1.0 - betas, axis=0)
-
-
-def _scheduler_config(model_dir: str) -> dict | None:
-    folder = Path(model_dir)
-    for candidate in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json"):
-        if candidate.is_file():
-            data = json.loads(candidate.read_text())
-            return data if isinstance(data, dict) else None
-    return None
-
-
 def model_alphas_cumprod_float64(model: LoadedModel) -> np.ndarray:
-    """The model's abar in float64: recomputed from its scheduler config when the recipe is known and agrees
-    with the loaded schedule, else the loaded float32 schedule widened (with a warning)."""
-    loaded = model.alphas_cumprod.detach().double().cpu().numpy()
-    config = _scheduler_config(model.info.path)
-    exact = float64_alphas_cumprod(config) if config is not None else None
-    if exact is not None and exact.shape == loaded.shape and np.abs(exact - loaded).max() <= 1e-5:
-        return exact
+    """The model's abar in float64: the loader's recomputation from the scheduler's recipe
+    (``LoadedModel.recipe_alphas_cumprod64``, model/schedule.py), else the float32 schedule widened (with a
+    warning)."""
+    if model.recipe_alphas_cumprod64 is not None:
+        return model.recipe_alphas_cumprod64
     log.warning(
         "%s: no float64 recipe for the noise schedule; the diffpath trajectory uses the float32 schedule",
         model.info.model_id,
     )
-    return loaded
+    return model.alphas_cumprod.detach().double().cpu().numpy()
 
 
 @dataclass(frozen=True)

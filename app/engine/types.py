@@ -42,16 +42,9 @@ class MethodOptions:
     mixture_max_components: int = 8
     covariance_type: Literal["full", "diag", "tied", "spherical", "auto"] = "full"
     # Added to the diagonal of each standardised covariance (shrinkage towards independent features).
-    # None = the method's default (``Method.default_covariance_reg``; path methods: by aggregation).
+    # None = the method's default (``methods.density_reg``: ``Method.default_covariance_reg``; path methods:
+    # by aggregation).
     covariance_reg: float | None = None
-
-    def density_reg(self) -> float:
-        if self.covariance_reg is not None:
-            return self.covariance_reg
-        # imported here: the registry's methods import this module (types is the engine's bottom layer)
-        from app.engine.methods import get
-
-        return get(self.method).default_covariance_reg(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {

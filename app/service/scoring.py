@@ -19,9 +19,9 @@ from typing import Protocol
 import numpy as np
 
 from app.bootstrap import engine_from_settings
+from app.engine.calibration.limits import DEFAULT_FPRS
 from app.engine.calibration.profile import Profile
 from app.engine.calibration.store import ProfileStore, validate_profile_name
-from app.engine.calibration.thresholds import DEFAULT_FPRS
 from app.engine.explain import calibrated_heatmap, calibrated_png, verdict_floor
 from app.engine.preprocessing import PreparedImage, declared_pixels
 from app.engine.types import ImageStats, MethodOptions, ModelInfo, Verdict

@@ -8,8 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.engine.calibration.store import PROFILE_NAME
-from app.engine.calibration.thresholds import MAX_FPRS
+from app.engine.calibration.limits import MAX_FPRS, PROFILE_NAME
 
 # The exact rules the handlers apply, published so generated clients can check before sending
 # (docs/API.md, "Limits"). Image-count caps depend on settings and are filled in by ``app.web.openapi``.

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from app.engine.calibration.density import cross_fitted_scores
 from app.engine.calibration.fit import MIN_REFERENCE_IMAGES, density_kwargs_for, fit_profile
 from app.engine.calibration.profile import Profile, density_for, features_under
-from app.engine.calibration.thresholds import cross_fitted_scores
 from app.engine.types import ImageStats, MethodOptions
 from app.errors import InvalidInput
 

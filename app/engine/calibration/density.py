@@ -17,6 +17,7 @@ import numpy as np
 from scipy.special import logsumexp
 from sklearn.covariance import LedoitWolf
 from sklearn.mixture import GaussianMixture
+from sklearn.model_selection import KFold
 from sklearn.neighbors import KernelDensity
 
 RANDOM_STATE = 0  # mixtures and cross-fitting folds are seeded: a profile refitted on the same data is equal
@@ -241,16 +242,16 @@ class ExpertsDensity:
             **mixture: Any) -> ExpertsDensity:  # fmt: skip
         if not blocks:
             raise ValueError("an experts density needs its column blocks")
-        # imported here: thresholds.py imports this module for its density types
-        from app.engine.calibration.thresholds import cross_fitted_scores
-
         experts: list[GaussianMixtureDensity | GaussianDensity] = []
         centres, spreads = [], []
         for i, (start, stop) in enumerate(blocks):
             kind = GaussianMixtureDensity if i == 0 else GaussianDensity
             part = features[:, start:stop]
             held_out = cross_fitted_scores(part, kind, mixture, folds)
-            q25, q50, q75 = np.percentile(held_out, [25, 50, 75])
+            # an expert whose held-out scores are infinite (a degenerate block) gets a NaN centre, so the
+            # whole density scores NaN and choice.py passes its candidate over: expected, not a warning
+            with np.errstate(invalid="ignore"):
+                q25, q50, q75 = np.percentile(held_out, [25, 50, 75])
             experts.append(kind.fit(part, **mixture))
             centres.append(q50)
             spreads.append(max(q75 - q25, 1e-9))
@@ -299,3 +300,15 @@ DENSITY_KINDS: dict[str, DensityClass] = {
     "gaussian": GaussianDensity,
     "experts": ExpertsDensity,
 }
+
+
+def cross_fitted_scores(
+    features: np.ndarray, density_cls: DensityClass, density_kwargs: dict[str, Any], folds: int = 5
+) -> np.ndarray:
+    """Sorted anomaly scores of the reference images, each from a density fitted on the other folds."""
+    held_out = np.empty(len(features))
+    splitter = KFold(n_splits=min(folds, len(features)), shuffle=True, random_state=RANDOM_STATE)
+    for train_idx, test_idx in splitter.split(features):
+        fold_density = density_cls.fit(features[train_idx], **density_kwargs)
+        held_out[test_idx] = -fold_density.log_density(features[test_idx])
+    return np.sort(held_out)

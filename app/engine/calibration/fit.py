@@ -7,16 +7,17 @@ from typing import Any
 
 import numpy as np
 
+from app.engine.calibration.density import cross_fitted_scores
 from app.engine.calibration.heatmap import fit_heatmap_calibration
+from app.engine.calibration.limits import DEFAULT_FPRS
 from app.engine.calibration.profile import Profile, density_for
 from app.engine.calibration.thresholds import (
-    DEFAULT_FPRS,
-    cross_fitted_scores,
     fpr_intervals_for,
     fpr_key,
     thresholds_for,
     validate_fprs,
 )
+from app.engine.methods import density_reg
 from app.engine.methods.aggregations import expert_blocks
 from app.engine.types import MethodOptions
 from app.errors import InvalidInput
@@ -29,7 +30,7 @@ def density_kwargs_for(options: MethodOptions, features: np.ndarray) -> dict[str
     kwargs: dict[str, Any] = {
         "max_components": options.mixture_max_components,
         "covariance_type": options.covariance_type,
-        "reg_covar": options.density_reg(),
+        "reg_covar": density_reg(options),
     }
     blocks = expert_blocks(options.aggregation, options.steps, features.shape[1])
     if blocks is not None:

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import threading
 from pathlib import Path
 
+from app.engine.calibration.limits import PROFILE_NAME
 from app.engine.calibration.profile import TEMP_SUFFIX, Profile, same_model, served_key
 from app.engine.types import MethodOptions
 from app.errors import InvalidInput, PayloadTooLarge, ProfileConflict, ProfileMismatch, ProfileNotFound
 
 log = logging.getLogger(__name__)
 
-# Letters, digits, '_', '-', '.', starting with a letter or digit: no path separators, no "..", no hidden
-# files, bounded length (names become metric label values and file names).
-PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}(\.[A-Za-z0-9_-]{1,16})?")
 MAX_PROFILES = 64
 
 

@@ -1,8 +1,9 @@
 """From scores of normal images to thresholds and verdicts (METHOD.md step 5).
 
-Thresholds are split-conformal quantiles of cross-fitted scores: each reference image is scored by a
-density fitted without it, so a stated false-positive rate holds on new normal images instead of being
-optimistic. A verdict places one score among those calibration scores (percentile, conformal p-value).
+Thresholds are split-conformal quantiles of cross-fitted scores (``density.cross_fitted_scores``): each
+reference image is scored by a density fitted without it, so a stated false-positive rate holds on new
+normal images instead of being optimistic. A verdict places one score among those calibration scores
+(percentile, conformal p-value).
 """
 
 from __future__ import annotations
@@ -12,14 +13,11 @@ from typing import Any
 
 import numpy as np
 from scipy.stats import beta
-from sklearn.model_selection import KFold
 
-from app.engine.calibration.density import RANDOM_STATE, DensityClass
+from app.engine.calibration.limits import MAX_FPRS
 from app.engine.types import Verdict
 from app.errors import InvalidInput
 
-DEFAULT_FPRS = (0.01, 0.05, 0.1)
-MAX_FPRS = 32  # every answer carries one threshold per rate: a bounded list keeps answers small
 FPR_CI_LEVEL = 0.95  # the probability each profile's false-positive-rate interval holds
 # a threshold whose true false-positive rate may be over twice the stated one (upper end of its interval)
 # is flagged: the reference set is too small for that rate
@@ -40,18 +38,6 @@ def validate_fprs(fprs: tuple[float, ...], default_fpr: float) -> tuple[float, .
     if len(rates) > MAX_FPRS:
         raise InvalidInput(f"{len(rates)} false-positive rates; a profile keeps at most {MAX_FPRS}")
     return rates
-
-
-def cross_fitted_scores(
-    features: np.ndarray, density_cls: DensityClass, density_kwargs: dict[str, Any], folds: int = 5
-) -> np.ndarray:
-    """Sorted anomaly scores of the reference images, each from a density fitted on the other folds."""
-    held_out = np.empty(len(features))
-    splitter = KFold(n_splits=min(folds, len(features)), shuffle=True, random_state=RANDOM_STATE)
-    for train_idx, test_idx in splitter.split(features):
-        fold_density = density_cls.fit(features[train_idx], **density_kwargs)
-        held_out[test_idx] = -fold_density.log_density(features[test_idx])
-    return np.sort(held_out)
 
 
 def conformal_threshold(sorted_scores: np.ndarray, fpr: float) -> float:

@@ -2,7 +2,7 @@
 
 ``Settings.method`` and the CLI's ``--method`` choices, profile validation (a profile names its method and
 density), density selection in ``fit_profile``, the density's default shrinkage
-(``MethodOptions.density_reg``) and the statistics driver (statistics.py: one shared walk per batch for
+(``density_reg`` below) and the statistics driver (statistics.py: one shared walk per batch for
 all path methods) all read ``names()``/``get(name)``.
 
 Adding a method = adding one file and registering it:
@@ -24,6 +24,7 @@ from __future__ import annotations
 from app.engine.methods import diffpath_1d, diffpath_6d, diffpath_v2, reconstruction
 from app.engine.methods.base import BatchStats, Method, PassMethod, PathMethod, WalkSums
 from app.engine.methods.registry import get, names, register, unregister
+from app.engine.types import MethodOptions
 
 BUILTIN: tuple[Method, ...] = (
     diffpath_v2.METHOD,
@@ -37,6 +38,16 @@ for _method in BUILTIN:
 # registered later.
 METHODS: tuple[str, ...] = names()
 
+
+def density_reg(options: MethodOptions) -> float:
+    """The shrinkage added to the diagonal of the density's standardised covariance: the options' own
+    ``covariance_reg``, else the method's default. Here, not on ``MethodOptions``: the options are the
+    engine's bottom layer and the methods import them."""
+    if options.covariance_reg is not None:
+        return options.covariance_reg
+    return get(options.method).default_covariance_reg(options)
+
+
 __all__ = [
     "BUILTIN",
     "METHODS",
@@ -45,6 +56,7 @@ __all__ = [
     "PassMethod",
     "PathMethod",
     "WalkSums",
+    "density_reg",
     "get",
     "names",
     "register",

@@ -9,15 +9,16 @@ diffusers' ``torch.load(weights_only=True)``; no pickle is ever executed.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import UNet2DModel
 
 from app.engine.model.runtimes import NoiseRuntime, RuntimeUnavailable, build_runtime
+from app.engine.model.schedule import ScheduleError, read_schedule
 from app.engine.model.sidecar import ModelSidecar, SidecarError, read_sidecar
 from app.engine.types import ModelInfo
 
@@ -44,9 +45,13 @@ class LoadedModel:
     # ddm_anomaly.json: calling convention (applied inside ``runtime``) and input transform; defaults for a
     # plain diffusers folder
     sidecar: ModelSidecar = field(default_factory=ModelSidecar)
-    # (T,) float64 on the CPU: the exact schedule for code that computes its coefficients in float64
-    # (improved-diffusion); ``alphas_cumprod`` is this cast to float32
+    # (T,) float64 on the CPU: the schedule ``alphas_cumprod`` is cast from (the scheduler class's own, or
+    # the float64 cumulative product of ``trained_betas`` when the sidecar asks for it; schedule.py)
     alphas_cumprod64: torch.Tensor | None = None
+    # (T,) float64: abar recomputed from the scheduler's recipe in float64, as improved-diffusion computes
+    # it (schedule.py); the diffpath walk derives its float64 coefficients from it. None when no known
+    # recipe agrees with the loaded schedule: that walk then widens the float32 one.
+    recipe_alphas_cumprod64: np.ndarray | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -98,33 +103,6 @@ def find_layout(model_dir: Path) -> tuple[Path, Path]:
     return unet_dir, scheduler_file
 
 
-def alphas_cumprod_from_config(config: dict, float64: bool = False) -> torch.Tensor:
-    """abar_t from a diffusers scheduler config, by the scheduler class it names (never hard-coded).
-
-    ``float64`` (an imported improved-diffusion model's sidecar asks for it): the float64 cumulative product
-    of the config's ``trained_betas``, as the original numpy code computes it; diffusers itself rounds the
-    betas to float32 first, which moves sqrt(1/abar - 1) at t = 0 by 1e-3 relative."""
-    import diffusers
-
-    if float64:
-        betas = config.get("trained_betas")
-        if not betas:
-            raise ModelLoadError(
-                "the sidecar asks for a float64 schedule but the scheduler has no trained_betas"
-            )
-        return torch.cumprod(1.0 - torch.tensor(betas, dtype=torch.float64), dim=0)
-
-    class_name = config.get("_class_name", "DDPMScheduler")
-    scheduler_cls = getattr(diffusers, class_name, None)
-    if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
-        raise ModelLoadError(f"unknown scheduler class {class_name!r}")
-    scheduler = scheduler_cls.from_config(config)
-    abar = getattr(scheduler, "alphas_cumprod", None)
-    if abar is None:
-        raise ModelLoadError(f"scheduler {class_name} has no alphas_cumprod (not a DDPM-family schedule)")
-    return torch.as_tensor(abar, dtype=torch.float64)
-
-
 def set_attention_heads(unet: UNet2DModel, heads: dict[str, int]) -> None:
     """Give the named attention layers their own head count (the sidecar's ``attention_heads``): the
     projections are the same matrices, only the split of their channels into heads differs."""
@@ -174,7 +152,10 @@ def load_model(
     # alone on CPU (PERFORMANCE.md). Outputs stay correct in any layout; scores differ by float rounding.
     memory_format = torch.channels_last if dev.type == "cpu" else torch.contiguous_format
     unet = unet.to(dev, memory_format=memory_format).eval().requires_grad_(False)
-    scheduler_config, abar = read_schedule(scheduler_file, sidecar)
+    try:
+        scheduler_config, abar, recipe = read_schedule(scheduler_file, float64=sidecar.alphas_cumprod_float64)
+    except ScheduleError as exc:
+        raise ModelLoadError(str(exc)) from exc
     try:
         noise_runtime = build_runtime(
             runtime,
@@ -202,19 +183,7 @@ def load_model(
         runtime=noise_runtime,
         sidecar=sidecar,
         alphas_cumprod64=abar.clone(),
-    )
-
-
-def read_schedule(scheduler_file: Path, sidecar: ModelSidecar) -> tuple[dict, torch.Tensor]:
-    """The scheduler config and its (T,) abar in float64 (an epsilon-prediction schedule only)."""
-    scheduler_config = json.loads(scheduler_file.read_text())
-    prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    if prediction_type != "epsilon":
-        raise ModelLoadError(
-            f"prediction_type={prediction_type!r}: only epsilon-prediction models are supported"
-        )
-    return scheduler_config, alphas_cumprod_from_config(
-        scheduler_config, float64=sidecar.alphas_cumprod_float64
+        recipe_alphas_cumprod64=recipe,
     )
 
 

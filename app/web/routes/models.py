@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
 
-from app.engine.calibration.thresholds import DEFAULT_FPRS, MAX_FPRS
+from app.engine.calibration.limits import DEFAULT_FPRS, MAX_FPRS
 from app.errors import InvalidInput, Overloaded, Unauthorized
 from app.service.results import ModelDescription
 from app.service.scoring import ScoringService

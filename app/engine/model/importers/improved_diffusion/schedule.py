@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from app.engine.model.importers.common import CheckpointImportError
 from app.engine.model.importers.improved_diffusion.flags import resolve_flags
+from app.engine.model.schedule import cosine_betas
 
 
 def betas(flags: dict[str, Any]) -> np.ndarray:
@@ -21,14 +21,7 @@ def betas(flags: dict[str, Any]) -> np.ndarray:
         scale = 1000 / steps
         return np.linspace(scale * 0.0001, scale * 0.02, steps, dtype=np.float64)
     if schedule == "cosine":
-
-        def alpha_bar(t: float) -> float:
-            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        return np.array(
-            [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)],
-            dtype=np.float64,
-        )
+        return cosine_betas(steps)
     raise CheckpointImportError(
         f"noise_schedule={schedule!r}: improved-diffusion knows 'linear' and 'cosine'"
     )
