@@ -71,9 +71,49 @@ def test_the_embedding_comes_from_the_same_pass_on_both_runtimes(
     np.testing.assert_allclose(features[:, 38:166], torch_e[:, 2], rtol=1e-6)  # step 0.2 K = 2
 
 
+def test_the_embedding_is_the_spatial_mean_of_the_first_up_blocks_output(
+    scorers: dict[str, Scorer], golden_stats: dict[str, list[ImageStats]]
+) -> None:
+    """docs/METHOD.md, "Embedding expert": read by hand from the block's output at the walk's first step."""
+    model = scorers["torch"].model
+    x0 = torch.stack([scorers["torch"].decode(p.read_bytes()).tensor for p in GOLDEN_IMAGES])
+    seen: list[torch.Tensor] = []
+    hook = model.unet.up_blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    try:
+        t = torch.tensor([int(golden_stats["torch"][0].timesteps[0])] * len(x0))
+        abar = model.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+        noise = torch.from_numpy(np.random.default_rng(0).standard_normal(x0.shape).astype(np.float32))
+        with torch.inference_mode():
+            model.unet(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t)
+    finally:
+        hook.remove()
+    (out,) = seen
+    assert out.shape[1:] == (128, 8, 8)
+    # the runtime's own hook gives each channel's mean over the image
+    _, embedding = model.runtime.predict(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t)
+    assert embedding is not None
+    np.testing.assert_allclose(embedding, out.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+
+
+def test_a_profile_of_the_earlier_embedding_is_refused_and_others_still_load() -> None:
+    from app.engine.calibration.fit import fit_profile
+    from app.errors import ProfileMismatch
+
+    rng = np.random.default_rng(0)
+    plain = fit_profile("p", rng.normal(size=(40, 4)), model_id="m@1", options=MethodOptions()).to_dict()
+    assert Profile.from_dict({**plain, "format_version": 4}).name == "p"
+    earlier = {
+        **plain,
+        "format_version": 4,
+        "options": {**plain["options"], "aggregation": "per-step-centre+embedding"},
+    }
+    with pytest.raises(ProfileMismatch, match="earlier UNet embedding"):
+        Profile.from_dict(earlier)
+
+
 def test_choice_on_few_textures_keeps_the_energies_and_records_why(scorers: dict[str, Scorer]) -> None:
     """30 textures do not support a density over 256 embedding values (its gap is over the limit): the
-    energies are taken. (60 textures take the embedding expert: tests/test_zero_shot_live.py.)"""
+    energies are taken. (200 textures take the embedding expert: tests/test_zero_shot_live.py.)"""
     scorer = scorers["onnxruntime"]
     stats = scorer.run([scorer.decode(p.read_bytes()) for p in require_data("dtd", 30)])
     choice = choose_options(MethodOptions(), stats)

@@ -44,8 +44,8 @@ def test_a_texture_profile_chooses_its_features_and_shares_batches_with_the_face
     server: LiveServer,
 ) -> None:
     with AnomalyClient(server.url, api_key=KEY, timeout=600.0) as client:
-        textures = client.create_profile("textures", images("dtd", 60, 0), source="DTD 0-59")
-        # chosen from the 60 textures alone: the richest features their density generalises over
+        textures = client.create_profile("textures", images("dtd", 200, 0), source="DTD 0-199")
+        # chosen from the 200 textures alone: the richest features their density generalises over
         assert textures.options["aggregation"] == "per-step-centre+embedding"
         assert textures.density == "experts"
         selection = textures.model_extra["selection"]  # type: ignore[index]

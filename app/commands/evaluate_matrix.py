@@ -22,6 +22,7 @@ import numpy as np
 from app.bootstrap import apply_thread_policy
 from app.commands.common import load_scorer, settings_from_args
 from app.engine.calibration.choice import calibrate_profile
+from app.engine.model.runtimes import EMBEDDING
 from app.engine.scorer import Scorer
 from app.engine.types import ImageStats
 from app.offline.datasets import folder_statistics, list_images
@@ -56,7 +57,8 @@ def walked(
     scorer: Scorer, paths: list[Path], cache: Path | None, batch_size: int, desc: str
 ) -> list[ImageStats]:
     """The engine's statistics of ``paths`` (from ``cache`` when it has exactly these files)."""
-    key = json.dumps({"model": scorer.info.model_id, "walk": scorer.options.walk_key(),
+    walk = {"model": scorer.info.model_id, "walk": scorer.options.walk_key(), "embedding": EMBEDDING}
+    key = json.dumps({**walk,
                       "files": [str(p.resolve()) for p in paths]}, sort_keys=True)  # fmt: skip
     target = None if cache is None else cache / f"walk-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
     if target is not None and target.is_file():

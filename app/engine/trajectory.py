@@ -215,7 +215,7 @@ class TrajectoryStep:
     eps_k: torch.Tensor  # noise re-derived from the clipped xhat0 (DDIM); the prediction itself (forward)
     eps_star: torch.Tensor  # true conditional noise of x_t given x0
     abar: torch.Tensor
-    # the UNet's image embedding at x_t (B, C), from the same forward pass (runtimes.py); None without one
+    # the UNet's image embedding at x_t (B, E), from the same forward pass (runtimes.py); None without one
     embedding: torch.Tensor | None = None
 
 

@@ -42,7 +42,7 @@ from app.errors import ProfileMismatch
 if TYPE_CHECKING:
     from app.engine.methods.base import Method
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # MIGRATIONS[v] upgrades a version-v document to version v + 1; ``from_dict`` applies them in turn.
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: lambda d: {**d, "heatmap": None},  # 2 adds heat-map statistics; older profiles draw maps uncalibrated
@@ -50,7 +50,21 @@ MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     # and the rate alone, so older profiles get exactly the values a refit would record
     2: lambda d: {**d, "fpr_intervals": fpr_intervals_for(len(d["calibration_scores"]), d["thresholds"])},
     3: lambda d: {**d, "selection": None},  # 4 records how the features were chosen; older ones were given
+    4: lambda d: _embedding_unchanged(d),  # 5 reads another embedding (docs/METHOD.md, "Embedding expert")
 }
+
+
+def _embedding_unchanged(d: dict[str, Any]) -> dict[str, Any]:
+    """A format-4 profile of the embedding expert was fitted on the spatial mean of the second up block;
+    the walk now gives the first's (runtimes.EMBEDDING), which that density must not read: refit it."""
+    if (d.get("options") or {}).get("aggregation") == "per-step-centre+embedding":
+        raise ProfileMismatch(
+            "profile fitted on an earlier UNet embedding (format 4, per-step-centre+embedding): "
+            "calibrate it again from its images"
+        )
+    return d
+
+
 MAX_PROFILE_BYTES = 8 * 1024 * 1024
 TEMP_SUFFIX = ".tmp"  # ``.<name>.json.<random>.tmp`` while a profile is written
 

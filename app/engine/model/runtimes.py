@@ -33,9 +33,11 @@ class RuntimeUnavailable(RuntimeError):
 
 
 # The UNet's image embedding: the spatial mean of this up block's output (in the shipped 32 px model its
-# 128 channels at 16 x 16). The walk reads it beside eps at no extra cost; what it is for: docs/METHOD.md,
-# "Embedding expert".
-EMBEDDING_UP_BLOCK = 1
+# 128 channels at 8 x 8). The walk reads it beside eps at no extra cost; what it is for and why this block:
+# docs/METHOD.md, "Embedding expert". EMBEDDING names it wherever cached walks or profiles must not mix
+# embeddings of another definition.
+EMBEDDING_UP_BLOCK = 0
+EMBEDDING = f"up_blocks.{EMBEDDING_UP_BLOCK}/spatial-mean"
 
 
 class NoiseRuntime(Protocol):
