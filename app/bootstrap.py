@@ -8,10 +8,10 @@ import logging
 
 import torch
 
+from app.engine.engine import Engine
 from app.engine.model.loading import ModelLoadError, resolve_device, resolve_dtype
 from app.engine.model.runtimes import RuntimeUnavailable, choose_runtime, torch_threads_beside
 from app.engine.preprocessing import DecodeLimits
-from app.engine.scorer import Scorer
 from app.engine.types import MethodOptions
 from app.settings import Settings
 
@@ -34,9 +34,9 @@ def options_from_settings(settings: Settings, method: str | None = None) -> Meth
     )
 
 
-def engine_from_settings(settings: Settings, options: MethodOptions | None = None) -> Scorer:
+def engine_from_settings(settings: Settings, options: MethodOptions | None = None) -> Engine:
     """The engine the settings describe (the CLI passes ``options`` to compare methods)."""
-    return Scorer(
+    return Engine(
         settings.model_dir,
         device=settings.device,
         dtype=settings.dtype,

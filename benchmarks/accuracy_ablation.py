@@ -23,10 +23,10 @@ import torch
 
 from app.bootstrap import set_engine_threads
 from app.engine.calibration.fit import fit_profile
+from app.engine.engine import Engine
 from app.engine.methods import density_reg
 from app.engine.methods.diffpath_v2 import amplified_error
 from app.engine.methods.path_sums import PathAccumulator, stein_error
-from app.engine.scorer import Scorer
 from app.engine.ssim import ssim_map
 from app.engine.trajectory import content_noise, trajectory_grid, walk
 from app.engine.types import MethodOptions
@@ -52,13 +52,13 @@ AGGREGATIONS = ("sum", "per-step", "per-step-centre")
 
 
 def walk_features(
-    scorer: Scorer, paths: list[Path], steps: int, t_max: float, trajectory: str, batch: int = 64
+    engine: Engine, paths: list[Path], steps: int, t_max: float, trajectory: str, batch: int = 64
 ) -> dict[tuple[str, str], np.ndarray]:
     """{(variant name, aggregation): (N, D) features} from one trajectory walk per batch."""
-    model = scorer.model
+    model = engine.model
     out: dict[tuple[str, str], list[np.ndarray]] = {(n, a): [] for n in WALK_VARIANTS for a in AGGREGATIONS}
     for start in range(0, len(paths), batch):
-        prepared = [scorer.decode(p.read_bytes()) for p in paths[start : start + batch]]
+        prepared = [engine.decode(p.read_bytes()) for p in paths[start : start + batch]]
         x0 = torch.stack([p.tensor for p in prepared]).to(model.device)
         ts = trajectory_grid(trajectory, len(model.alphas_cumprod), steps, t_max)
         noise = content_noise([p.digest for p in prepared], tuple(x0.shape[1:]), x0.device)
@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # the scoring commands' thread policy (app/bootstrap.py): torch on one thread beside ONNX Runtime's pool
     set_engine_threads("cpu", "auto", "auto", args.threads)
-    scorer = Scorer(args.model, device="cpu", torch_threads=args.threads)
-    scorer.load(warmup_batch=0)
+    engine = Engine(args.model, device="cpu", torch_threads=args.threads)
+    engine.load(warmup_batch=0)
     celeba = list_images(args.data / "celeba", seed=0)
     sets = {
         "fit": celeba[: args.fit_limit],
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for steps, t_max, trajectory in walks:
         t0 = time.perf_counter()
-        per_set = {n: walk_features(scorer, paths, steps, t_max, trajectory) for n, paths in sets.items()}
+        per_set = {n: walk_features(engine, paths, steps, t_max, trajectory) for n, paths in sets.items()}
         for (variant, aggregation), _ in per_set["fit"].items():
             feats = {name: per_set[name][variant, aggregation] for name in sets}
             opts = replace(

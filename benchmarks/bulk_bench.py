@@ -1,8 +1,8 @@
 """score-dataset (Ray Data, local) against the in-process engine on the same images, in the same run.
 
 Each round runs both, in alternating order, each in a fresh process: the **engine** does what
-``ddm-anomaly score`` does (decode each file with the service's decoder, ``Scorer.run`` on batches, the
-profile's verdicts) in one process; **score-dataset** runs ``app.bulk.score_dataset`` on a local Ray
+``ddm-anomaly score`` does (decode each file with the service's decoder, ``Engine.image_stats`` on batches,
+the profile's verdicts) in one process; **score-dataset** runs ``app.bulk.score_dataset`` on a local Ray
 (decode tasks, one scoring actor, Parquet parts). images/s counts from the model load to the last row (the
 engine's load and ONNX export; the driver's check, the actor's start and load), with a running Ray; Ray's
 own start is reported apart. Memory: peak RSS of the engine process, and of the Ray driver, each scoring
@@ -107,7 +107,7 @@ def score_diff(tmp: Path, r: int) -> float:
 
 def run_engine(args: argparse.Namespace) -> dict[str, Any]:
     from app.bootstrap import apply_thread_policy
-    from app.commands.common import load_scorer
+    from app.commands.common import load_engine
     from app.engine.calibration.store import ProfileStore
     from app.settings import Settings
 
@@ -115,14 +115,14 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(model_dir=args.model, torch_threads=args.threads)  # type: ignore[call-arg]
     apply_thread_policy(settings)
     start = time.perf_counter()
-    scorer = load_scorer(settings)
-    profile = ProfileStore(settings.profiles_folder, scorer.info.model_id, scorer.options).get("default")
+    engine = load_engine(settings)
+    profile = ProfileStore(settings.profiles_folder, engine.info.model_id, engine.options).get("default")
     loaded = time.perf_counter()
     scores: dict[str, float | None] = {}
     for first in range(0, len(paths), args.batch_size):
         chunk = paths[first : first + args.batch_size]
-        prepared = [scorer.decode(Path(p).read_bytes()) for p in chunk]
-        for path, verdict in zip(chunk, profile.verdicts(scorer.run(prepared)), strict=True):
+        prepared = [engine.decode(Path(p).read_bytes()) for p in chunk]
+        for path, verdict in zip(chunk, profile.verdicts(engine.image_stats(prepared)), strict=True):
             scores[path] = verdict.score
     seconds = time.perf_counter() - start
     args.out.mkdir(parents=True)

@@ -8,10 +8,10 @@
 What one run measures, interleaved round by round so that load from other processes hits every contender
 alike (tables give the median over rounds):
 * the fp32 peak: a large square matmul, GFLOP/s;
-* the engine: ``Scorer.run`` (the service's path: trajectory, SSIM, sums, copy to host) at each batch size,
-  images/s and ms per image; the bare UNet (K forward passes, nothing else) beside it, so the table shows
-  what the trajectory maths costs on top;
-* FLOPs per image (``torch.utils.flop_counter``, one ``Scorer.run``) -> achieved GFLOP/s -> % of peak;
+* the engine: ``Engine.image_stats`` (the service's path: trajectory, SSIM, sums, copy to host) at each batch
+  size, images/s and ms per image; the bare UNet (K forward passes, nothing else) beside it, so the table
+  shows what the trajectory maths costs on top;
+* FLOPs per image (``torch.utils.flop_counter``, one ``Engine.image_stats``) -> achieved GFLOP/s -> % of peak;
 * the naive peer (``naive_peer.py``: one image at a time, plain loop, NumPy sums) -> engine speed-up;
 * that the naive peer and the engine give the same features (else the ratio would mean nothing);
 * with ``--variants``: the engine as shipped beside single changes to it (channels_last, the other thread
@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import naive_peer  # a sibling script, not a package
 
 from app.bootstrap import set_engine_threads
+from app.engine.engine import Engine
 from app.engine.model.runtimes import RuntimeUnavailable, TorchRuntime, build_runtime, torch_threads_beside
 from app.engine.preprocessing import PreparedImage
-from app.engine.scorer import Scorer
 from app.engine.trajectory import predict_noise, trajectory_timesteps
 from app.engine.types import MethodOptions
 from app.errors import DeviceOutOfMemory
@@ -107,11 +107,11 @@ def batch_of(images: list[PreparedImage], size: int) -> list[PreparedImage]:
     return [images[i % len(images)] for i in range(size)]
 
 
-def bare_unet(scorer: Scorer, batch: list[PreparedImage]) -> Callable[[], None]:
+def bare_unet(engine: Engine, batch: list[PreparedImage]) -> Callable[[], None]:
     """K forward passes of the UNet on the batch: the floor under the engine's time."""
-    model = scorer.model
+    model = engine.model
     x = torch.stack([item.tensor for item in batch]).to(model.device)
-    steps = trajectory_timesteps(len(model.alphas_cumprod), scorer.options.steps)
+    steps = trajectory_timesteps(len(model.alphas_cumprod), engine.options.steps)
 
     def run() -> None:
         with torch.inference_mode():
@@ -121,18 +121,18 @@ def bare_unet(scorer: Scorer, batch: list[PreparedImage]) -> Callable[[], None]:
     return run
 
 
-def count_flops(scorer: Scorer, image: PreparedImage) -> dict[str, float]:
+def count_flops(engine: Engine, image: PreparedImage) -> dict[str, float]:
     """FLOPs of one image, counted on the torch UNet: the counter sees torch operators only, so an exported
     runtime's work would be invisible to it (the graph is the same; so is the arithmetic)."""
-    twin = copy.copy(scorer)
-    twin._model = copy.copy(scorer.model)
+    twin = copy.copy(engine)
+    twin._model = copy.copy(engine.model)
     model = twin.model
     model.runtime = TorchRuntime(model.unet, model.autocast_dtype, model.device)
     x = image.tensor[None].to(model.device)
     with FlopCounterMode(display=False) as per_eval, torch.inference_mode():
         predict_noise(model, x, 0)
     with FlopCounterMode(display=False) as per_image:
-        twin.run([image])
+        twin.image_stats([image])
     return {"unet_per_eval": per_eval.get_total_flops(), "per_image": per_image.get_total_flops()}
 
 
@@ -152,28 +152,28 @@ def median(values: list[float]) -> float:
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
-def load_images(scorer: Scorer, folder: Path, count: int) -> tuple[list[PreparedImage], float]:
+def load_images(engine: Engine, folder: Path, count: int) -> tuple[list[PreparedImage], float]:
     """Decoded, resized images (random ones when the folder has none) and decode+prepare ms per image."""
     paths = sorted(folder.glob("*.png"))[:count] if folder.is_dir() else []
     if not paths:
-        size, channels = scorer.info.sample_size, scorer.info.in_channels
+        size, channels = engine.info.sample_size, engine.info.in_channels
         gen = torch.Generator().manual_seed(0)
         fake = [torch.rand(channels, size, size, generator=gen) * 2 - 1 for _ in range(count)]
         return [PreparedImage(t, (size, size), bytes([i % 256])) for i, t in enumerate(fake)], math.nan
     blobs = [p.read_bytes() for p in paths]
     start = time.perf_counter()
-    images = [scorer.decode(b) for b in blobs]
+    images = [engine.decode(b) for b in blobs]
     return images, (time.perf_counter() - start) / len(images) * 1e3
 
 
 # --- variants -------------------------------------------------------------------------------------------
-def variant_scorers(
-    base: Scorer, args: argparse.Namespace, engine_threads: int
-) -> dict[str, tuple[Scorer, int | None]]:
-    """The shipped engine and single changes to it: name -> (scorer, torch threads)."""
-    out: dict[str, tuple[Scorer, int | None]] = {"engine as shipped": (base, engine_threads)}
+def variant_engines(
+    base: Engine, args: argparse.Namespace, engine_threads: int
+) -> dict[str, tuple[Engine, int | None]]:
+    """The shipped engine and single changes to it: name -> (engine, torch threads)."""
+    out: dict[str, tuple[Engine, int | None]] = {"engine as shipped": (base, engine_threads)}
 
-    def clone() -> Scorer:
+    def clone() -> Engine:
         twin = copy.copy(base)
         twin._model = copy.copy(base.model)  # same weights unless the variant replaces the module
         return twin
@@ -268,38 +268,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.threads = args.threads or torch.get_num_threads()
     set_engine_threads(args.device, args.dtype, args.runtime, args.threads)  # as the entry points do
     options = MethodOptions(steps=args.steps)
-    scorer = Scorer(
+    engine = Engine(
         args.model, device=args.device, dtype=args.dtype, options=options, runtime=args.runtime,
         torch_threads=args.threads,
     )  # fmt: skip
-    scorer.load(warmup_batch=2)
+    engine.load(warmup_batch=2)
     engine_threads = torch.get_num_threads()
-    device = scorer.model.device
-    images, decode_ms = load_images(scorer, args.images, max([*args.batch_sizes, args.naive_images]))
-    flops = count_flops(scorer, images[0])
+    device = engine.model.device
+    images, decode_ms = load_images(engine, args.images, max([*args.batch_sizes, args.naive_images]))
+    flops = count_flops(engine, images[0])
     unet, scheduler = naive_peer.load(args.model)
     unet.to(device)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    autocast = scorer.model.autocast_dtype  # the naive peer gets the engine's precision, for a fair race
+    autocast = engine.model.autocast_dtype  # the naive peer gets the engine's precision, for a fair race
 
     def naive_features(image: PreparedImage, dtype: torch.dtype | None = autocast) -> np.ndarray:
         tensor = image.tensor.to(device)
         return naive_peer.features(unet, scheduler, tensor, args.steps, dtype, options.aggregation)[0]
 
-    def engine_rate(engine: Scorer, b: int) -> float:
+    def engine_rate(engine: Engine, b: int) -> float:
         batch = batch_of(images, b)
-        return images_per_second(lambda: engine.run(batch), b, args.min_images, device)
+        return images_per_second(lambda: engine.image_stats(batch), b, args.min_images, device)
 
-    variants = variant_scorers(scorer, args, engine_threads) if args.variants else {}
+    variants = variant_engines(engine, args, engine_threads) if args.variants else {}
     warmup_s = {}
     for name, (variant, n_threads) in variants.items():  # first-call allocations, compilation
         with threads(n_threads):
-            warmup_s[name] = sum(timed(lambda v=variant, b=b: v.run(batch_of(images, b)), device)
+            warmup_s[name] = sum(timed(lambda v=variant, b=b: v.image_stats(batch_of(images, b)), device)
                                  for b in args.variant_batches)  # fmt: skip
     if device.type == "cuda":  # first call per shape: cuDNN algorithm search, allocator growth
         for b in args.batch_sizes:
             with contextlib.suppress(DeviceOutOfMemory, torch.OutOfMemoryError):
-                scorer.run(batch_of(images, b))
+                engine.image_stats(batch_of(images, b))
 
     naive_images = images[: args.naive_images]
     m = Samples()
@@ -312,8 +312,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if autocast is not None:
                         m.add("peak_autocast", matmul_peak(device, autocast, repeats=3))
                 with threads(engine_threads):
-                    m.add(f"engine@{b}", engine_rate(scorer, b))
-                    bare = bare_unet(scorer, batch_of(images, b))
+                    m.add(f"engine@{b}", engine_rate(engine, b))
+                    bare = bare_unet(engine, batch_of(images, b))
                     m.add(f"bare@{b}", images_per_second(bare, b, args.min_images, device))
             except (DeviceOutOfMemory, torch.OutOfMemoryError):
                 batches = [x for x in batches if x < b]
@@ -323,7 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         m.add("naive", len(naive_images) / naive_s)
         with threads(engine_threads):
             for b in (1, batches[-1]):  # the engine again right after the naive peer, for the ratio
-                m.add(f"engine_next_to_naive@{b}", engine_rate(scorer, b))
+                m.add(f"engine_next_to_naive@{b}", engine_rate(engine, b))
         for name, (variant, n_threads) in variants.items():
             with threads(n_threads):
                 for b in args.variant_batches:
@@ -332,11 +332,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Same maths? Both in float32 (reduced precision is precision_check.py's subject).
     naive_feats = np.stack([naive_features(image, None) for image in naive_images])
-    shipped_runtime = scorer.model.runtime
+    shipped_runtime = engine.model.runtime
     if autocast is not None:
-        scorer.model.runtime = TorchRuntime(scorer.model.unet, None, device)
-    fast_feats = np.stack([s.features for s in scorer.run(naive_images)])
-    scorer.model.runtime = shipped_runtime
+        engine.model.runtime = TorchRuntime(engine.model.unet, None, device)
+    fast_feats = np.stack([s.features for s in engine.image_stats(naive_images)])
+    engine.model.runtime = shipped_runtime
 
     rows = []
     for b in batches:
@@ -365,14 +365,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "machine": machine_info(device),
         "load_average_after": os.getloadavg(),
-        "model": scorer.info.model_id,
-        "parameters": scorer.info.parameters,
-        "sample_size": scorer.info.sample_size,
+        "model": engine.info.model_id,
+        "parameters": engine.info.parameters,
+        "sample_size": engine.info.sample_size,
         "method": options.method,
         "steps": args.steps,
         "device": str(device),
-        "dtype": scorer.info.dtype,
-        "runtime": scorer.info.runtime,
+        "dtype": engine.info.dtype,
+        "runtime": engine.info.runtime,
         "torch_threads": args.threads,  # the configured count (see run())
         "engine_torch_threads": engine_threads,
         "rounds": args.rounds,

@@ -44,9 +44,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.engine.engine import Engine
 from app.engine.methods.diffpath_v2 import amplified_error
 from app.engine.methods.path_sums import PathAccumulator, stein_error
-from app.engine.scorer import Scorer
 from app.engine.ssim import ssim_map, ssim_reference
 from app.engine.trajectory import trajectory_grid, walk
 from app.engine.types import MethodOptions
@@ -90,17 +90,17 @@ def like_cifar(path: Path) -> Image.Image:
 
 
 def walk_set(
-    scorer: Scorer, paths: list[Path], options: MethodOptions, flip: bool, jpeg: bool = False, batch: int = 50
+    engine: Engine, paths: list[Path], options: MethodOptions, flip: bool, jpeg: bool = False, batch: int = 50
 ) -> dict:
-    model = scorer.model
+    model = engine.model
     ts = trajectory_grid(options.trajectory, len(model.alphas_cumprod), options.steps, options.t_max_fraction)
     err, dis, eps, feats, x0s = [], [], [], [], []
     for start in range(0, len(paths), batch):
         chunk = paths[start : start + batch]
         if jpeg:
-            prepared = [scorer.prepare(like_cifar(p)) for p in chunk]
+            prepared = [engine.prepare(like_cifar(p)) for p in chunk]
         else:
-            prepared = [scorer.decode(p.read_bytes()) for p in chunk]
+            prepared = [engine.decode(p.read_bytes()) for p in chunk]
         x0 = torch.stack([p.tensor for p in prepared]).to(model.device)
         if flip:
             x0 = x0.flip(-1)
@@ -129,8 +129,8 @@ def walk_set(
 
 
 def run_walk(args: argparse.Namespace) -> int:
-    scorer = Scorer(args.model, device="cpu", torch_threads=args.threads)
-    scorer.load(warmup_batch=0)
+    engine = Engine(args.model, device="cpu", torch_threads=args.threads)
+    engine.load(warmup_batch=0)
     options = MethodOptions(steps=args.steps)
     out_dir = args.cache / (f"K{args.steps}" + ("-flip" if args.flip else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def run_walk(args: argparse.Namespace) -> int:
         if target.exists():
             continue
         t0 = time.perf_counter()
-        arrays = walk_set(scorer, sets[name], options, args.flip, jpeg=name.endswith("_jpeg"))
+        arrays = walk_set(engine, sets[name], options, args.flip, jpeg=name.endswith("_jpeg"))
         np.savez(target, **arrays)
         dt = time.perf_counter() - t0
         print(f"K={args.steps} flip={args.flip} {name}: {len(sets[name])} images in {dt:.0f} s", flush=True)
@@ -156,18 +156,18 @@ def run_cost(args: argparse.Namespace) -> int:
     from benchmarks.feature_candidates import Candidate, candidate_features, load, path_maps
 
     torch.set_num_threads(args.threads)
-    scorer = Scorer(args.model, device="cpu", runtime=args.runtime)
-    scorer.load(warmup_batch=2)
+    engine = Engine(args.model, device="cpu", runtime=args.runtime)
+    engine.load(warmup_batch=2)
     paths = splits(args.data)["fit"][: args.batch]
-    batch = [scorer.decode(p.read_bytes()) for p in paths]
+    batch = [engine.decode(p.read_bytes()) for p in paths]
     contenders = {a: MethodOptions(steps=args.steps, aggregation=a) for a in args.aggregations}  # type: ignore[arg-type]
     times: dict[str, list[float]] = {a: [] for a in contenders}
     features: dict[str, np.ndarray] = {}
     for _ in range(args.rounds):
         for name, options in contenders.items():
-            scorer.options = options
+            engine.options = options
             t0 = time.perf_counter()
-            stats = scorer.run(batch)
+            stats = engine.image_stats(batch)
             times[name].append((time.perf_counter() - t0) / len(batch))
             features[name] = np.stack([s.features for s in stats])
     cache = args.cache / f"K{args.steps}" / "fit.npz"
@@ -183,7 +183,7 @@ def run_cost(args: argparse.Namespace) -> int:
         "batch": args.batch,
         "rounds": args.rounds,
         "threads": args.threads,
-        "runtime": scorer.info.runtime,
+        "runtime": engine.info.runtime,
         "ms_per_image": {a: 1000 * m for a, m in medians.items()},
         "ratio_to_first": {a: m / base for a, m in medians.items()},
         "all_ms_per_image": {a: [1000 * v for v in t] for a, t in times.items()},

@@ -26,10 +26,10 @@ from sklearn.metrics import roc_auc_score
 
 from app.engine.calibration.heatmap import HeatmapCalibration, fit_heatmap_calibration, smooth, standardise
 from app.engine.calibration.profile import Profile
+from app.engine.engine import Engine
 from app.engine.explain import heatmap_png
 from app.engine.methods.diffpath_v2 import amplified_error
 from app.engine.methods.path_sums import HEAT_NOISE_RANGE
-from app.engine.scorer import Scorer
 from app.engine.ssim import ssim_map
 from app.engine.trajectory import trajectory_grid, walk
 from app.engine.types import MethodOptions
@@ -40,20 +40,20 @@ MAP_KINDS = ("amp", "err", "dis", "rec")  # |a_k|, |e_k|, 1 - SSIM(x0, xhat0_k),
 PRODUCT = "mid-noise steps, z, sigma=2.0"  # what the service draws
 
 
-def noise_levels(scorer: Scorer) -> np.ndarray:
+def noise_levels(engine: Engine) -> np.ndarray:
     """abar at each step of the default trajectory."""
-    model, options = scorer.model, scorer.options
+    model, options = engine.model, engine.options
     timesteps = trajectory_grid(options.trajectory, len(model.alphas_cumprod), options.steps)
     return model.alphas_cumprod[timesteps].double().cpu().numpy()
 
 
-def step_maps(scorer: Scorer, images: Sequence[Image.Image], batch_size: int = 32) -> dict[str, np.ndarray]:
+def step_maps(engine: Engine, images: Sequence[Image.Image], batch_size: int = 32) -> dict[str, np.ndarray]:
     """(N, K, H, W) channel-mean maps of every kind, plus today's served heat map (N, H, W)."""
-    model, options = scorer.model, scorer.options
+    model, options = engine.model, engine.options
     timesteps = trajectory_grid(options.trajectory, len(model.alphas_cumprod), options.steps)
     out: dict[str, list[np.ndarray]] = {kind: [] for kind in (*MAP_KINDS, "served", "features")}
     for start in range(0, len(images), batch_size):
-        prepared = [scorer.prepare(im) for im in images[start : start + batch_size]]
+        prepared = [engine.prepare(im) for im in images[start : start + batch_size]]
         x0 = torch.stack([p.tensor for p in prepared]).to(model.device)
         per_kind: dict[str, list[torch.Tensor]] = {kind: [] for kind in MAP_KINDS}
         with torch.inference_mode():
@@ -64,7 +64,7 @@ def step_maps(scorer: Scorer, images: Sequence[Image.Image], batch_size: int = 3
                 per_kind["rec"].append((x0 - step.xhat0).abs().mean(1))
         for kind, maps in per_kind.items():
             out[kind].append(torch.stack(maps, 1).float().cpu().numpy())
-        stats = scorer.run(prepared)
+        stats = engine.image_stats(prepared)
         out["served"].append(np.stack([s.heatmap for s in stats]))
         out["features"].append(np.stack([s.features for s in stats]))
     return {kind: np.concatenate(chunks) for kind, chunks in out.items()}
@@ -162,24 +162,24 @@ def collect(args: argparse.Namespace) -> dict[str, np.ndarray]:
         with np.load(args.cache) as cached:
             out = dict(cached)
         if "abar" not in out:  # caches written before the noise levels were kept
-            scorer = Scorer(args.model, runtime=args.runtime, options=MethodOptions())
-            scorer.load(warmup_batch=0)
-            out["abar"] = noise_levels(scorer)
+            engine = Engine(args.model, runtime=args.runtime, options=MethodOptions())
+            engine.load(warmup_batch=0)
+            out["abar"] = noise_levels(engine)
         if "normal_images" not in out:  # caches written before the figure needed them
             _, normal, _ = load_sets(Path(args.data), args.reference, args.synthetic, args.seed)
             out["normal_images"] = np.stack([np.asarray(im) for im in normal[:8]])
         return out
-    scorer = Scorer(args.model, runtime=args.runtime, options=MethodOptions())
-    scorer.load()
+    engine = Engine(args.model, runtime=args.runtime, options=MethodOptions())
+    engine.load()
     reference, normal, synthetic = load_sets(Path(args.data), args.reference, args.synthetic, args.seed)
-    size = scorer.info.sample_size
+    size = engine.info.sample_size
     out: dict[str, np.ndarray] = {}
     for name, images in (("ref", reference), ("normal", normal), ("syn", [s.image for s in synthetic])):
         began = time.perf_counter()
-        for kind, maps in step_maps(scorer, images).items():
+        for kind, maps in step_maps(engine, images).items():
             out[f"{name}_{kind}"] = maps
         print(f"{name}: {len(images)} images in {time.perf_counter() - began:.0f} s", flush=True)
-    out["abar"] = noise_levels(scorer)
+    out["abar"] = noise_levels(engine)
     out["masks"] = np.stack([mask_at(s.mask, size) for s in synthetic])
     out["syn_images"] = np.stack([np.asarray(s.image) for s in synthetic])
     out["syn_masks_full"] = np.stack([s.mask for s in synthetic])

@@ -19,7 +19,7 @@ import numpy as np
 from app.bootstrap import set_torch_threads
 from app.engine.calibration.choice import calibrate_profile
 from app.engine.calibration.profile import Profile
-from app.engine.scorer import Scorer
+from app.engine.engine import Engine
 from app.offline.datasets import list_images
 
 
@@ -33,16 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
     set_torch_threads(args.threads)
-    scorer = Scorer(args.model, device="cpu", torch_threads=args.threads)
-    scorer.load(warmup_batch=2)
+    engine = Engine(args.model, device="cpu", torch_threads=args.threads)
+    engine.load(warmup_batch=2)
     faces = Profile.load(args.model / "profiles" / "default.json")
-    reference = [scorer.decode(p.read_bytes()) for p in list_images(args.data / "dtd", 100, seed=1)]
+    reference = [engine.decode(p.read_bytes()) for p in list_images(args.data / "dtd", 100, seed=1)]
     textures = calibrate_profile(
-        "textures", scorer.run(reference), scorer.options, model_id=scorer.info.model_id
+        "textures", engine.image_stats(reference), engine.options, model_id=engine.info.model_id
     )
     half = args.batch // 2
     paths = list_images(args.data / "celeba", half, seed=2) + list_images(args.data / "dtd", half, seed=2)
-    batch = [scorer.decode(p.read_bytes()) for p in paths]
+    batch = [engine.decode(p.read_bytes()) for p in paths]
     plans = {
         "one profile": lambda stats: faces.verdicts(stats),
         "two profiles (features differ)": lambda stats: (
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for name, judge in plans.items():
             t0 = time.perf_counter()
-            judge(scorer.run(batch))
+            judge(engine.image_stats(batch))
             times[name].append((time.perf_counter() - t0) / len(batch))
     medians = {name: float(np.median(t)) for name, t in times.items()}
     base = medians["one profile"]
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "rounds": args.rounds,
         "threads": args.threads,
-        "runtime": scorer.info.runtime,
+        "runtime": engine.info.runtime,
         "texture_profile": textures.options.aggregation,
         "ms_per_image": {n: 1000 * m for n, m in medians.items()},
         "ratio_to_one_profile": {n: m / base for n, m in medians.items()},

@@ -9,14 +9,14 @@ Not a test.
 
 The three real architectures with random weights (costs equal the real checkpoints'; scores mean nothing),
 written as model folders the way ``ddm-anomaly import`` writes them (DiffPath's: learned sigma, t*1000/4000,
-centre crop 140) and run through the engine exactly as the service runs them (``Scorer.run``: trajectory,
-SSIM, sums, copy to host; default method, K = --steps):
+centre crop 140) and run through the engine exactly as the service runs them (``Engine.image_stats``:
+trajectory, SSIM, sums, copy to host; default method, K = --steps):
 
 * FLOPs per image: the UNet's forward counted by ``torch.utils.flop_counter`` on the meta device (no
   arithmetic is done, any size is instant; it includes the attention matmuls, which torch's fused CPU
   attention kernel hides from a counter on real tensors) times K; for the 32 px model also one whole
-  ``Scorer.run`` on the torch runtime, whose count minus K real-tensor UNet counts is what the trajectory
-  maths and SSIM add;
+  ``Engine.image_stats`` on the torch runtime, whose count minus K real-tensor UNet counts is what the
+  trajectory maths and SSIM add;
 * images/s and ms/image at each batch size, median over --rounds (the device's default runtime: ONNX Runtime
   on CPU, torch with bf16 autocast on CUDA);
 * memory: the weights, and per image of a batch: (peak at the largest batch - peak at batch 1) / (B - 1),
@@ -44,11 +44,11 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.engine.engine import Engine  # noqa: E402
 from app.engine.model.importers import ddim, improved_diffusion  # noqa: E402
 from app.engine.model.importers.common import write_model_folder  # noqa: E402
 from app.engine.model.sidecar import ModelSidecar  # noqa: E402
 from app.engine.preprocessing import PreparedImage  # noqa: E402
-from app.engine.scorer import Scorer  # noqa: E402
 from app.engine.types import MethodOptions  # noqa: E402
 
 # ermongroup/ddim configs/celeba.yml (the DDIM paper's CelebA-64 checkpoint), the sections the network uses
@@ -138,44 +138,44 @@ def measure(folder: Path, args: argparse.Namespace, count_engine_flops: bool) ->
         "unet_flops_per_image": flops_eval * args.steps,
     }
     if count_engine_flops:  # the whole engine once on the torch runtime (the counter cannot see ONNX Runtime)
-        counter_scorer = Scorer(folder, device="cpu", dtype="float32", options=options, runtime="torch")
-        counter_scorer.load(warmup_batch=0)
-        image = random_images(counter_scorer.info.sample_size, 1)
+        counter_engine = Engine(folder, device="cpu", dtype="float32", options=options, runtime="torch")
+        counter_engine.load(warmup_batch=0)
+        image = random_images(counter_engine.info.sample_size, 1)
         with FlopCounterMode(display=False) as counter:
-            counter_scorer.run(image)
+            counter_engine.image_stats(image)
         with FlopCounterMode(display=False) as one_eval, torch.no_grad():
-            counter_scorer.model.unet(image[0].tensor[None], torch.tensor([1.0]))
+            counter_engine.model.unet(image[0].tensor[None], torch.tensor([1.0]))
         result["engine_flops_per_image_counted"] = counter.get_total_flops()
         result["trajectory_ssim_flops_per_image"] = (
             counter.get_total_flops() - args.steps * one_eval.get_total_flops()
         )
-        del counter_scorer
+        del counter_engine
     if not args.batch_sizes:
         return result
-    scorer = Scorer(folder, device=args.device, dtype=args.dtype, options=options, runtime=args.runtime,
+    engine = Engine(folder, device=args.device, dtype=args.dtype, options=options, runtime=args.runtime,
                     torch_threads=args.threads)  # fmt: skip
     started = time.perf_counter()
-    scorer.load(warmup_batch=1)
-    device = scorer.model.device
+    engine.load(warmup_batch=1)
+    device = engine.model.device
     result.update(
         {
             "load_s": time.perf_counter() - started,
-            "runtime": scorer.info.runtime,
-            "dtype": scorer.info.dtype,
+            "runtime": engine.info.runtime,
+            "dtype": engine.info.dtype,
             "weights_bytes": 4 * params,
         }
     )
-    images = random_images(scorer.info.sample_size, max(args.batch_sizes))
+    images = random_images(engine.info.sample_size, max(args.batch_sizes))
     rows, peaks = [], {}
     for b in sorted(args.batch_sizes):
         batch = images[:b]
-        scorer.run(batch)  # warm: first-call allocations at this shape
+        engine.image_stats(batch)  # warm: first-call allocations at this shape
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = []
         for _ in range(args.rounds):
             start = time.perf_counter()
-            scorer.run(batch)
+            engine.image_stats(batch)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)

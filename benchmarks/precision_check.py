@@ -26,17 +26,19 @@ import numpy as np
 import torch
 
 from app.engine.calibration.fit import fit_profile
+from app.engine.engine import Engine
 from app.engine.model.runtimes import build_runtime
-from app.engine.scorer import Scorer
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def features(scorer: Scorer, paths: list[Path], batch: int) -> np.ndarray:
-    images = [scorer.decode(p.read_bytes()) for p in paths]
-    out = [s.features for i in range(0, len(images), batch) for s in scorer.run(images[i : i + batch])]
+def features(engine: Engine, paths: list[Path], batch: int) -> np.ndarray:
+    images = [engine.decode(p.read_bytes()) for p in paths]
+    out = [
+        s.features for i in range(0, len(images), batch) for s in engine.image_stats(images[i : i + batch])
+    ]
     return np.stack(out)
 
 
@@ -73,30 +75,30 @@ def main(argv: list[str] | None = None) -> int:
         p.error("not enough images")
     reference, held_out = normal[: args.reference], normal[args.reference : args.reference + args.test]
 
-    scorer = Scorer(args.model, device=args.device, dtype="float32", runtime="torch")
-    scorer.load(warmup_batch=0)
-    fp32 = {name: features(scorer, paths, args.batch) for name, paths in
+    engine = Engine(args.model, device=args.device, dtype="float32", runtime="torch")
+    engine.load(warmup_batch=0)
+    fp32 = {name: features(engine, paths, args.batch) for name, paths in
             (("reference", reference), ("normal", held_out), ("ood", ood))}  # fmt: skip
     profile = fit_profile(
-        "precision", fp32["reference"], model_id=scorer.info.model_id, options=scorer.options
+        "precision", fp32["reference"], model_id=engine.info.model_id, options=engine.options
     )
     cal = profile.calibration_scores
     iqr = float(np.subtract(*np.percentile(cal, [75, 25])))
     base_scores = {k: profile.score(fp32[k]) for k in ("normal", "ood")}
     result: dict[str, Any] = {
-        "model": scorer.info.model_id,
+        "model": engine.info.model_id,
         "device": args.device,
         "images": {"reference": len(reference), "normal": len(held_out), "ood": len(ood)},
         "ood_set": args.ood.name,
         "calibration_iqr": iqr,
         "float32": {"auroc": auroc(base_scores["normal"], base_scores["ood"])},
     }
-    model = scorer.model
+    model = engine.model
     for name in args.contenders:
         runtime, dtype = name.split(":")
         model.runtime = build_runtime(runtime, model.unet, model.device, DTYPES[dtype], threads=args.threads)
         reduced = {
-            k: features(scorer, paths, args.batch) for k, paths in (("normal", held_out), ("ood", ood))
+            k: features(engine, paths, args.batch) for k, paths in (("normal", held_out), ("ood", ood))
         }
         both = np.concatenate([reduced["normal"], reduced["ood"]])
         base = np.concatenate([fp32["normal"], fp32["ood"]])

@@ -13,7 +13,7 @@
         --engine-reference -c 1 8 16 32 64 -n 64 --per-client 2 --json benchmarks/results/service.json
 
     # several server settings in the same run, each with its batching-off twin (levels alternate over all
-    # servers), against the best of several engine set-ups (threads x concurrent Scorer.run calls):
+    # servers), against the best of several engine set-ups (threads x concurrent Engine.image_stats calls):
     python benchmarks/service_load.py --serve --compare DDM_MAX_BATCH_SIZE=1 \
         --setting 2t=DDM_TORCH_THREADS=2 --setting 1t=DDM_TORCH_THREADS=1 \
         --setting 1t-x2=DDM_TORCH_THREADS=1,DDM_MODEL_INSTANCES=2 \
@@ -224,30 +224,30 @@ def spawn_server(env: dict[str, str], workdir: Path) -> tuple[subprocess.Popen[b
 
 
 class EngineReference:
-    """The engine alone (``Scorer.run`` on one batch, no HTTP) in several set-ups ``threads x instances``:
+    """The engine alone (``Engine.image_stats`` on one batch, no HTTP) in set-ups ``threads x instances``:
     ``instances`` threads each run the same batch at the same time on the one model, with ``threads``
     intra-op threads (the service's DDM_TORCH_THREADS x DDM_MODEL_INSTANCES, without the service), in the
-    UNet runtime the env names (DDM_RUNTIME). Each thread count loads its own Scorer: an exported runtime
+    UNet runtime the env names (DDM_RUNTIME). Each thread count loads its own Engine: an exported runtime
     sizes its thread pool when it is built. The caller interleaves ``measure`` with the load levels, while
     the servers are idle."""
 
     def __init__(self, env: dict[str, str], folder: Path, batch: int, runs: list[tuple[int, int]]) -> None:
-        from app.engine.scorer import Scorer
+        from app.engine.engine import Engine
         from app.settings import Settings
 
         self.runtime = env.get("DDM_RUNTIME", Settings.model_fields["runtime"].default)
-        self.scorers = {}
+        self.engines = {}
         for threads in dict.fromkeys(t for t, _ in runs):
-            scorer = Scorer(
+            engine = Engine(
                 ROOT / env.get("DDM_MODEL_DIR", "model_store/celeba32-ref"),
                 device=env.get("DDM_DEVICE", "auto"),
                 runtime=self.runtime,
                 torch_threads=threads,
             )
-            scorer.load(warmup_batch=2)
-            self.scorers[threads] = scorer
+            engine.load(warmup_batch=2)
+            self.engines[threads] = engine
         paths = sorted(folder.glob("*.png"))[:batch]
-        first = next(iter(self.scorers.values()))
+        first = next(iter(self.engines.values()))
         self.batch = [first.decode(p.read_bytes()) for p in paths]
         self.runs = [{"threads": t, "instances": n, "batch": len(self.batch), "wall_s": []} for t, n in runs]
 
@@ -257,14 +257,14 @@ class EngineReference:
         from app.engine.model.runtimes import torch_threads_beside
 
         for run in self.runs:
-            scorer = self.scorers[run["threads"]]
+            engine = self.engines[run["threads"]]
             # as the service's start-up sets it (app/bootstrap.py): torch on one thread beside an exported
             # runtime's pool
-            torch.set_num_threads(torch_threads_beside(scorer.model.runtime, run["threads"]))
+            torch.set_num_threads(torch_threads_beside(engine.model.runtime, run["threads"]))
             with ThreadPoolExecutor(run["instances"]) as pool:
                 for i in range(rounds + 1):  # the first round warms this thread count and pool
                     start = time.perf_counter()
-                    list(pool.map(lambda _, s=scorer: s.run(self.batch), range(run["instances"])))
+                    list(pool.map(lambda _, s=engine: s.image_stats(self.batch), range(run["instances"])))
                     if i:
                         run["wall_s"].append(time.perf_counter() - start)
 
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--engine-reference", action="store_true",
-        help="time Scorer.run alone (see --engine-runs) before and after the levels",
+        help="time Engine.image_stats alone (see --engine-runs) before and after the levels",
     )  # fmt: skip
     parser.add_argument(
         "--engine-runs", nargs="+", default=[f"{os.cpu_count() or 1}x1"], metavar="THREADSxINSTANCES",

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from app.engine.scorer import Scorer
-from app.engine.statistics import batch_statistics
+from app.engine.engine import Engine
+from app.engine.walk_driver import batch_statistics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,19 +29,19 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("sync check skipped: no CUDA device")
         return 0
-    scorer = Scorer(args.model, device="cuda")
-    scorer.load(warmup_batch=0)
-    model, size = scorer.model, scorer.info.sample_size
-    x0 = torch.rand(args.batch, scorer.info.in_channels, size, size, device=model.device) * 2 - 1
+    engine = Engine(args.model, device="cuda")
+    engine.load(warmup_batch=0)
+    model, size = engine.model, engine.info.sample_size
+    x0 = torch.rand(args.batch, engine.info.in_channels, size, size, device=model.device) * 2 - 1
     failed = []
     for method in ("diffpath-v2", "diffpath-6d", "reconstruction"):
         digests = [bytes([i]) for i in range(args.batch)]
         with torch.inference_mode():
-            batch_statistics(model, x0, scorer.options, digests, (method,))
+            batch_statistics(model, x0, engine.options, digests, (method,))
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
-                batch_statistics(model, x0, scorer.options, digests, (method,))
+                batch_statistics(model, x0, engine.options, digests, (method,))
                 print(f"{method}: no host/device sync inside the trajectory")
             except RuntimeError as exc:
                 failed.append(method)

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.engine.engine import Engine
 from app.engine.methods.diffpath_v2 import amplified_error
-from app.engine.scorer import Scorer
 from app.engine.ssim import ssim_reference
 from app.engine.trajectory import trajectory_grid, walk
 from app.engine.types import MethodOptions
@@ -44,12 +44,12 @@ def splits(data: Path, fit: int = 400, score: int = 300) -> dict[str, dict[str, 
     return out
 
 
-def walk_paths(scorer: Scorer, paths: list[Path], options: MethodOptions, batch: int = 50) -> dict:
-    model = scorer.model
+def walk_paths(engine: Engine, paths: list[Path], options: MethodOptions, batch: int = 50) -> dict:
+    model = engine.model
     ts = trajectory_grid(options.trajectory, len(model.alphas_cumprod), options.steps, options.t_max_fraction)
     amp, eps, x0s = [], [], []
     for start in range(0, len(paths), batch):
-        prepared = [scorer.decode(p.read_bytes()) for p in paths[start : start + batch]]
+        prepared = [engine.decode(p.read_bytes()) for p in paths[start : start + batch]]
         x0 = torch.stack([p.tensor for p in prepared]).to(model.device)
         reference = ssim_reference(x0)
         a_steps, n_steps = [], []
@@ -65,8 +65,8 @@ def walk_paths(scorer: Scorer, paths: list[Path], options: MethodOptions, batch:
 
 def run_walk(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    scorer = Scorer(args.model, device="cpu", torch_threads=args.threads)
-    scorer.load(warmup_batch=0)
+    engine = Engine(args.model, device="cpu", torch_threads=args.threads)
+    engine.load(warmup_batch=0)
     options = MethodOptions(steps=args.steps)
     out_dir = args.cache / f"K{args.steps}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def run_walk(args: argparse.Namespace) -> int:
             if target.exists() or (args.parts and part not in args.parts):
                 continue
             t0 = time.perf_counter()
-            np.savez(target, **walk_paths(scorer, paths, options))
+            np.savez(target, **walk_paths(engine, paths, options))
             print(f"{name}_{part}: {len(paths)} images in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 
@@ -127,7 +127,7 @@ def run_search(args: argparse.Namespace) -> int:
 
     from app.engine.calibration.density import GaussianMixtureDensity
 
-    def scorer(fit: np.ndarray):  # anomaly score function fitted on normal features
+    def engine(fit: np.ndarray):  # anomaly score function fitted on normal features
         if args.density == "gmm":
             gmm = GaussianMixtureDensity.fit(fit, reg_covar=0.1)
             return lambda x: -gmm.log_density(x)
@@ -144,7 +144,7 @@ def run_search(args: argparse.Namespace) -> int:
     for name in args.candidates:
         matrix = {}
         for normal in SETS:
-            score = scorer(candidate_features(cached[normal, "fit"], name))
+            score = engine(candidate_features(cached[normal, "fit"], name))
             scores = {s: score(candidate_features(cached[s, "dev"], name)) for s in SETS}
             for other in SETS:
                 if other != normal:

@@ -106,12 +106,12 @@ def _replaced(stats: ImageStats, value: float) -> ImageStats:
 
 
 class FaultyEngine:
-    """The real engine (loading, decoding, the model) with ``run`` passed through the rules; everything else
+    """The real engine (loading, decoding, the model) with ``image_stats`` passed through the rules; all else
     is the wrapped engine's own (``create_app(settings, engine=FaultyEngine(real, rules))``)."""
 
     def __init__(self, engine: Any, rules: FaultRules) -> None:
         self._engine = engine
-        self.run = inject_faults(engine.run, rules)
+        self.image_stats = inject_faults(engine.image_stats, rules)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)

@@ -1,4 +1,4 @@
-"""A stand-in for the engine's ``Scorer`` for in-process API tests: real decoding, no model.
+"""A stand-in for the engine's ``Engine`` for in-process API tests: real decoding, no model.
 
 Features are simple statistics of the decoded pixels, so a score depends only on its own image; hooks let
 a test hold the worker at a gate, fail a batch, or make an image's features non-finite.
@@ -20,7 +20,7 @@ from app.errors import EngineFailure
 K = 4  # fake trajectory steps
 
 
-class FakeScorer:
+class FakeEngine:
     def __init__(self, sample_size: int = 8) -> None:
         self.options = MethodOptions(steps=K)
         self.limits = DecodeLimits()
@@ -68,7 +68,7 @@ class FakeScorer:
     def decode(self, data: bytes) -> PreparedImage:
         return prepare(decode_image(data, self.limits), self.sample_size, 3)
 
-    def run(self, batch: Sequence[PreparedImage]) -> list[ImageStats]:
+    def image_stats(self, batch: Sequence[PreparedImage]) -> list[ImageStats]:
         self.entered.set()
         assert self.gate.wait(30)
         if self.fail_next:

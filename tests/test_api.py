@@ -25,13 +25,13 @@ from app.engine.calibration.fit import fit_profile
 from app.settings import Settings
 from app.web.app import create_app
 from tests.helpers import metric_value, until
-from tests.service_fakes import FakeScorer, png
+from tests.service_fakes import FakeEngine, png
 
 WAIT = 10.0
 
 
 @contextmanager
-def running(tmp_path: Path, fake: FakeScorer, wait: bool = True, **overrides: Any) -> Iterator[TestClient]:
+def running(tmp_path: Path, fake: FakeEngine, wait: bool = True, **overrides: Any) -> Iterator[TestClient]:
     options: dict[str, Any] = {
         "profiles_dir": tmp_path / "profiles",
         "allow_open_profile_creation": True,
@@ -48,12 +48,12 @@ def running(tmp_path: Path, fake: FakeScorer, wait: bool = True, **overrides: An
 
 
 @pytest.fixture
-def fake() -> FakeScorer:
-    return FakeScorer()
+def fake() -> FakeEngine:
+    return FakeEngine()
 
 
 @pytest.fixture
-def client(tmp_path: Path, fake: FakeScorer) -> Iterator[TestClient]:
+def client(tmp_path: Path, fake: FakeEngine) -> Iterator[TestClient]:
     with running(tmp_path, fake) as c:
         yield c
 
@@ -68,9 +68,9 @@ def make_profile(client: TestClient, name: str = "default", n: int = 12) -> dict
 @pytest.fixture(scope="module")
 def default_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One 'default' profile for the fake engine, fitted once and copied into each test's profiles dir."""
-    fake = FakeScorer()
+    fake = FakeEngine()
     fake.loaded.set()
-    stats = fake.run([fake.decode(png(100 + i)) for i in range(12)])
+    stats = fake.image_stats([fake.decode(png(100 + i)) for i in range(12)])
     profile = fit_profile(
         "default", np.stack([s.features for s in stats]), model_id=fake.info.model_id, options=fake.options
     )
@@ -103,7 +103,7 @@ def metric(client: TestClient, name: str, **labels: str) -> float:
 
 
 # --- health and lifecycle ---------------------------------------------------------------------------------
-def test_livez_answers_while_loading_and_readyz_turns_ready(tmp_path: Path, fake: FakeScorer) -> None:
+def test_livez_answers_while_loading_and_readyz_turns_ready(tmp_path: Path, fake: FakeEngine) -> None:
     fake.release.clear()
     with running(tmp_path, fake, wait=False) as client:
         for path in ("/livez", "/v2/health/live"):
@@ -125,7 +125,7 @@ def test_livez_answers_while_loading_and_readyz_turns_ready(tmp_path: Path, fake
         assert client.get("/v2/health/ready").json()["model_id"] == "fake@000000000000"
 
 
-def test_failed_load_stays_not_ready_but_live(tmp_path: Path, fake: FakeScorer) -> None:
+def test_failed_load_stays_not_ready_but_live(tmp_path: Path, fake: FakeEngine) -> None:
     fake.load_error = RuntimeError("weights missing")
     with running(tmp_path, fake, wait=False) as client:
         until(lambda: client.get("/readyz").json()["status"] != "loading", "the load to end", WAIT)
@@ -247,7 +247,7 @@ def test_profile_json_body_and_refusals(client: TestClient) -> None:
     error_of(client.post("/v1/profiles", files=files), 400, "bad_input")  # no name
 
 
-def test_profile_creation_is_closed_without_keys_unless_opened(tmp_path: Path, fake: FakeScorer) -> None:
+def test_profile_creation_is_closed_without_keys_unless_opened(tmp_path: Path, fake: FakeEngine) -> None:
     with running(tmp_path, fake, allow_open_profile_creation=False) as client:
         error_of(
             client.post("/v1/profiles", json={"name": "x", "images": [{"data": b64(png(1))}]}),
@@ -257,7 +257,7 @@ def test_profile_creation_is_closed_without_keys_unless_opened(tmp_path: Path, f
         assert metric(client, "anomaly_refusals_total", reason="forbidden") == 1
 
 
-def test_request_latency_is_observed_in_seconds(tmp_path: Path, fake: FakeScorer) -> None:
+def test_request_latency_is_observed_in_seconds(tmp_path: Path, fake: FakeEngine) -> None:
     """The latency histogram is in seconds (the p99 alert and the dashboards read it so): a request adds
     at most its wall time as the client measured it, not a thousand times that."""
     with running(tmp_path, fake) as client:
@@ -271,7 +271,7 @@ def test_request_latency_is_observed_in_seconds(tmp_path: Path, fake: FakeScorer
         assert 0 < added <= wall, (added, wall)
 
 
-def test_api_keys(tmp_path: Path, fake: FakeScorer) -> None:
+def test_api_keys(tmp_path: Path, fake: FakeEngine) -> None:
     """Scoring keys score; profile administration takes an admin key, which scores too."""
     keys = {"api_keys": "alpha-key,beta-key", "admin_api_keys": "admin-key"}
     with running(tmp_path, fake, **keys, allow_open_profile_creation=False) as client:
@@ -362,7 +362,7 @@ BAD_REQUESTS = [
 )
 def test_bad_requests_get_their_error_and_are_counted(
     tmp_path: Path,
-    fake: FakeScorer,
+    fake: FakeEngine,
     default_profile: Path,
     what: str,
     request_kwargs: dict[str, Any],
@@ -380,7 +380,7 @@ def test_bad_requests_get_their_error_and_are_counted(
         assert good.status_code == 200
 
 
-def test_body_over_the_cap_is_refused_before_and_while_streaming(tmp_path: Path, fake: FakeScorer) -> None:
+def test_body_over_the_cap_is_refused_before_and_while_streaming(tmp_path: Path, fake: FakeEngine) -> None:
     with running(tmp_path, fake, max_upload_bytes=4096) as client:
         declared = client.post("/v1/score", content=b"x" * 5000, headers={"content-type": "image/png"})
         error_of(declared, 413, "too_large")
@@ -399,7 +399,7 @@ def test_unknown_route_and_method_are_json(client: TestClient) -> None:
     error_of(client.get("/v1/score"), 405, "method_not_allowed")
 
 
-def test_engine_failure_is_500_and_the_service_keeps_serving(profiled: TestClient, fake: FakeScorer) -> None:
+def test_engine_failure_is_500_and_the_service_keeps_serving(profiled: TestClient, fake: FakeEngine) -> None:
     fake.fail_next = True
     error = error_of(
         profiled.post("/v1/score", content=png(1), headers={"content-type": "image/png"}), 500, "engine_error"
@@ -424,7 +424,7 @@ def _post_in_thread(
     return thread
 
 
-def test_full_queue_is_503_with_retry_after(tmp_path: Path, fake: FakeScorer, default_profile: Path) -> None:
+def test_full_queue_is_503_with_retry_after(tmp_path: Path, fake: FakeEngine, default_profile: Path) -> None:
     (tmp_path / "profiles").mkdir()
     shutil.copy(default_profile, tmp_path / "profiles" / "default.json")
     with running(tmp_path, fake, max_batch_size=1, max_queue_images=2) as client:
@@ -445,7 +445,7 @@ def test_full_queue_is_503_with_retry_after(tmp_path: Path, fake: FakeScorer, de
         assert metric(client, "anomaly_refusals_total", reason="queue_full") == 1
 
 
-def test_deadline_is_504_and_costs_no_compute(profiled: TestClient, fake: FakeScorer) -> None:
+def test_deadline_is_504_and_costs_no_compute(profiled: TestClient, fake: FakeEngine) -> None:
     fake.hold()
     results: list[httpx.Response] = []
     first = _post_in_thread(profiled, png(1), results)
@@ -459,7 +459,7 @@ def test_deadline_is_504_and_costs_no_compute(profiled: TestClient, fake: FakeSc
     assert metric(profiled, "anomaly_images_total", outcome="expired") == 1
 
 
-def test_concurrent_requests_are_batched(profiled: TestClient, fake: FakeScorer) -> None:
+def test_concurrent_requests_are_batched(profiled: TestClient, fake: FakeEngine) -> None:
     fake.hold()
     results: list[httpx.Response] = []
     threads = [_post_in_thread(profiled, png(1), results)]
@@ -509,7 +509,7 @@ def test_openapi_examples_work(profiled: TestClient) -> None:
 
 
 def test_profile_creation_waits_for_room_in_a_full_queue(
-    tmp_path: Path, fake: FakeScorer, default_profile: Path
+    tmp_path: Path, fake: FakeEngine, default_profile: Path
 ) -> None:
     (tmp_path / "profiles").mkdir()
     shutil.copy(default_profile, tmp_path / "profiles" / "default.json")
@@ -541,7 +541,7 @@ def make_profile_response(client: TestClient, name: str) -> httpx.Response:
 
 
 def test_model_instances_show_in_metrics_and_oversubscription_is_logged(
-    tmp_path: Path, fake: FakeScorer, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, fake: FakeEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level("WARNING"), running(tmp_path, fake, model_instances=2, torch_threads=4096) as c:
         assert "anomaly_model_instances 2.0" in c.get("/metrics").text

@@ -163,9 +163,9 @@ def test_the_pre_created_series_name_the_real_routes(tmp_path: Path) -> None:
 
     from app.settings import Settings
     from app.web.app import create_app
-    from tests.service_fakes import FakeScorer
+    from tests.service_fakes import FakeEngine
 
-    app = create_app(Settings(profiles_dir=tmp_path), engine=FakeScorer())
+    app = create_app(Settings(profiles_dir=tmp_path), engine=FakeEngine())
     concrete = ("/v1/score", "/v2/models/m/infer", "/v2/models/m/versions/1/infer")
     with TestClient(app, raise_server_exceptions=False) as client:
         codes = [client.post(path, content=b"{}").status_code for path in concrete]

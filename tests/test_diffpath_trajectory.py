@@ -20,7 +20,6 @@ from app.engine.calibration.fit import fit_profile
 from app.engine.calibration.profile import Profile
 from app.engine.model.loading import LoadedModel
 from app.engine.model.schedule import float64_alphas_cumprod, recipe_alphas_cumprod
-from app.engine.statistics import path_statistics
 from app.engine.trajectory import (
     diffpath_schedule,
     diffpath_timesteps,
@@ -29,6 +28,7 @@ from app.engine.trajectory import (
     walk,
 )
 from app.engine.types import MethodOptions, ModelInfo
+from app.engine.walk_driver import path_statistics
 from app.errors import ProfileMismatch
 from tests.helpers import missing
 

@@ -11,9 +11,9 @@ import torch
 
 from app.engine.calibration.fit import fit_profile
 from app.engine.calibration.profile import Profile
+from app.engine.engine import Engine
 from app.engine.model.loading import ModelLoadError, load_model
 from app.engine.preprocessing import PreparedImage
-from app.engine.scorer import Scorer
 from app.engine.types import MethodOptions
 from tests.helpers import SHIPPED_MODEL, make_tiny_model, require_data
 
@@ -55,10 +55,10 @@ def test_loader_refuses_v_prediction(tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", ["diffpath-v2", "diffpath-6d", "diffpath-1d", "reconstruction"])
 def test_every_method_runs_on_a_tiny_model(tmp_path: Path, method: str) -> None:
     make_tiny_model(tmp_path)
-    scorer = Scorer(tmp_path, device="cpu", options=MethodOptions(method=method, steps=4))  # type: ignore[arg-type]
-    scorer.load(warmup_batch=1)
+    engine = Engine(tmp_path, device="cpu", options=MethodOptions(method=method, steps=4))  # type: ignore[arg-type]
+    engine.load(warmup_batch=1)
     images = [PreparedImage(torch.rand(3, 16, 16) * 2 - 1, (16, 16), bytes([i])) for i in range(3)]
-    stats = scorer.run(images)
+    stats = engine.image_stats(images)
     # default per-step-centre: centre and border of K steps and K - 1 rates of change
     width = {"diffpath-1d": 1, "reconstruction": 3}.get(method, 2 * (2 * 4 - 1))
     assert [s.features.shape for s in stats] == [(width,)] * 3
@@ -66,30 +66,32 @@ def test_every_method_runs_on_a_tiny_model(tmp_path: Path, method: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def shipped() -> Scorer:
-    scorer = Scorer(SHIPPED_MODEL, device="cpu")
-    scorer.load(warmup_batch=0)
-    return scorer
+def shipped() -> Engine:
+    engine = Engine(SHIPPED_MODEL, device="cpu")
+    engine.load(warmup_batch=0)
+    return engine
 
 
 @pytest.mark.slow
-def test_score_does_not_depend_on_the_batch(shipped: Scorer) -> None:
+def test_score_does_not_depend_on_the_batch(shipped: Engine) -> None:
     files = require_data("celeba", 12) + require_data("mnist", 4)
     images = [shipped.decode(f.read_bytes()) for f in files]
-    together = np.stack([s.features for s in shipped.run(images)])
+    together = np.stack([s.features for s in shipped.image_stats(images)])
     for i in (0, 7, 15):
-        alone = shipped.run([images[i]])[0].features
+        alone = shipped.image_stats([images[i]])[0].features
         np.testing.assert_allclose(alone, together[i], **BATCH_TOLERANCE)
 
 
 @pytest.mark.slow
-def test_celeba_scores_lower_than_mnist_on_the_shipped_model(shipped: Scorer) -> None:
+def test_celeba_scores_lower_than_mnist_on_the_shipped_model(shipped: Engine) -> None:
     fit_files = require_data("celeba", 48)
     test_celeba = require_data("celeba", 8, start=1000)
     test_mnist = require_data("mnist", 8)
 
     def features(files: list[Path]) -> np.ndarray:
-        return np.stack([s.features for s in shipped.run([shipped.decode(f.read_bytes()) for f in files])])
+        return np.stack(
+            [s.features for s in shipped.image_stats([shipped.decode(f.read_bytes()) for f in files])]
+        )
 
     profile = fit_profile(
         "t", features(fit_files), model_id=shipped.info.model_id, options=shipped.options, fprs=(0.05,)
@@ -101,7 +103,7 @@ def test_celeba_scores_lower_than_mnist_on_the_shipped_model(shipped: Scorer) ->
 
 
 @pytest.mark.slow
-def test_the_shipped_profile_tells_cifar10_from_celeba(shipped: Scorer) -> None:
+def test_the_shipped_profile_tells_cifar10_from_celeba(shipped: Engine) -> None:
     """The hardest pair of ../shared/data, judged by the committed default profile as the service would:
     the default centre/border per-step features reach ~0.96 AUROC there (the six sums ~0.87, ACCURACY.md)."""
     celeba, cifar = require_data("celeba", 24, start=3000), require_data("cifar10", 24, start=100)
@@ -109,7 +111,7 @@ def test_the_shipped_profile_tells_cifar10_from_celeba(shipped: Scorer) -> None:
     assert profile.options == shipped.options  # the service would refuse it otherwise
 
     def scores(files: list[Path]) -> np.ndarray:
-        stats = shipped.run([shipped.decode(f.read_bytes()) for f in files])
+        stats = shipped.image_stats([shipped.decode(f.read_bytes()) for f in files])
         return profile.score(np.stack([s.features for s in stats]))
 
     normal, anomalous = scores(celeba), scores(cifar)

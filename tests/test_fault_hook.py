@@ -15,7 +15,7 @@ from app.service.metrics import Metrics
 from app.service.scoring import ScoringService
 from app.settings import Settings
 from tests.faults import FaultRules, FaultyEngine, inject_faults
-from tests.service_fakes import FakeScorer
+from tests.service_fakes import FakeEngine
 
 
 def item(width: int, height: int) -> PreparedImage:
@@ -25,13 +25,13 @@ def item(width: int, height: int) -> PreparedImage:
 def test_no_hook_ships_the_batcher_calls_the_engine_itself(tmp_path: Path) -> None:
     assert not any(name.startswith(("fault", "inject")) for name in Settings.model_fields)
     assert importlib.util.find_spec("app.service.faults") is None
-    fake = FakeScorer()
+    fake = FakeEngine()
     service = ScoringService(Settings(profiles_dir=tmp_path), Metrics(), fake)
-    assert service.batcher._fn == fake.run  # no wrapper in between
+    assert service.batcher._fn == fake.image_stats  # no wrapper in between
 
 
 def test_the_wrapper_engine_is_the_real_one_but_for_run(tmp_path: Path) -> None:
-    fake = FakeScorer()
+    fake = FakeEngine()
     faulty = FaultyEngine(fake, FaultRules.parse("fail=13x17"))
     assert faulty.info == fake.info and faulty.decode == fake.decode
     service = ScoringService(Settings(profiles_dir=tmp_path), Metrics(), faulty)
@@ -50,8 +50,8 @@ def test_rules_parse_and_bad_rules_are_refused() -> None:
 
 
 def test_each_rule_does_what_it_says() -> None:
-    fake = FakeScorer()
-    run = inject_faults(fake.run, FaultRules.parse("fail=13x17;oom=15x13:2;features=11x19:inf"))
+    fake = FakeEngine()
+    run = inject_faults(fake.image_stats, FaultRules.parse("fail=13x17;oom=15x13:2;features=11x19:inf"))
     with pytest.raises(EngineFailure, match="injected"):
         run([item(40, 40), item(13, 17)])
     with pytest.raises(DeviceOutOfMemory):

@@ -48,16 +48,16 @@ def assert_close(actual: Any, expected: Any, what: str, **tol: float) -> None:
 
 
 @pytest.fixture(scope="module", params=compute.RUNTIMES)
-def scorer(request: pytest.FixtureRequest) -> Any:
-    loaded = compute.load_scorer(request.param)
+def engine(request: pytest.FixtureRequest) -> Any:
+    loaded = compute.load_engine(request.param)
     assert loaded.info.runtime == request.param
     return loaded
 
 
 @pytest.fixture(scope="module")
-def computed(scorer: Any) -> dict[str, Any]:
+def computed(engine: Any) -> dict[str, Any]:
     """One runtime's section, computed once for all the tests of that runtime."""
-    return compute.rounded(compute.runtime_section(scorer))
+    return compute.rounded(compute.runtime_section(engine))
 
 
 def test_golden_files_cover_the_committed_images_and_the_shipped_defaults() -> None:
@@ -71,11 +71,11 @@ def test_golden_files_cover_the_committed_images_and_the_shipped_defaults() -> N
     assert ENGINE["options"] == profile.options.feature_key()
 
 
-def test_model_and_inputs_match_the_goldens(scorer: Any) -> None:
+def test_model_and_inputs_match_the_goldens(engine: Any) -> None:
     """The shipped weights, and what preprocessing hands the model ([-1, 1], content digest, range)."""
-    assert scorer.info.model_id == ENGINE["model_id"], f"shipped weights changed {REGENERATE}"
-    assert scorer.options.feature_key() == ENGINE["options"], f"default method options changed {REGENERATE}"
-    inputs = compute.inputs_section(scorer)
+    assert engine.info.model_id == ENGINE["model_id"], f"shipped weights changed {REGENERATE}"
+    assert engine.options.feature_key() == ENGINE["options"], f"default method options changed {REGENERATE}"
+    inputs = compute.inputs_section(engine)
     for name, golden in ENGINE["inputs"].items():
         got = inputs[name]
         assert got["png_sha256"] == golden["png_sha256"], f"{name}: the committed image changed"
@@ -86,25 +86,25 @@ def test_model_and_inputs_match_the_goldens(scorer: Any) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_features_match_the_goldens(scorer: Any, computed: dict[str, Any], method: str) -> None:
-    golden = ENGINE["runtimes"][scorer.info.runtime]["features"][method]
+def test_features_match_the_goldens(engine: Any, computed: dict[str, Any], method: str) -> None:
+    golden = ENGINE["runtimes"][engine.info.runtime]["features"][method]
     got = computed["features"][method]
     assert sorted(got) == sorted(golden)
     for name in golden:
         assert_close(
-            got[name], golden[name], f"{scorer.info.runtime} {method} features of {name}", **FEATURE_TOL
+            got[name], golden[name], f"{engine.info.runtime} {method} features of {name}", **FEATURE_TOL
         )
 
 
-def test_default_profile_verdicts_match_the_goldens(scorer: Any, computed: dict[str, Any]) -> None:
+def test_default_profile_verdicts_match_the_goldens(engine: Any, computed: dict[str, Any]) -> None:
     """Scores within SCORE_TOL; percentile and conformal p-value exactly those of the golden score's rank
     among the profile's calibration scores (or of a rank the score tolerance can reach)."""
-    golden = ENGINE["runtimes"][scorer.info.runtime]["default_profile"]
+    golden = ENGINE["runtimes"][engine.info.runtime]["default_profile"]
     got = computed["default_profile"]
     profile = Profile.load(compute.DEFAULT_PROFILE)
     cal, n = profile.calibration_scores, len(profile.calibration_scores)
     for name, g in golden.items():
-        v, where = got[name], f"{scorer.info.runtime} {name}"
+        v, where = got[name], f"{engine.info.runtime} {name}"
         assert_close(v["score"], g["score"], f"{where} score", **SCORE_TOL)
         assert_close(v["threshold"], g["threshold"], f"{where} threshold", rtol=1e-9, atol=0.0)
         assert v["is_anomaly"] == g["is_anomaly"], f"{where}: verdict flipped {REGENERATE}"
@@ -141,11 +141,11 @@ def test_the_two_runtimes_agree_on_the_goldens() -> None:
 @pytest.mark.parametrize("variant", sorted(compute.VARIANTS))
 def test_non_default_options_match_the_goldens(variant: str) -> None:
     """Options the default leaves neutral (ssim_lambda = 1, ...), pinned on one runtime."""
-    scorer = _variant_base()
+    engine = _variant_base()
     options = compute.variant_options(compute.VARIANTS[variant])
     golden = ENGINE["variants"][variant]
     assert options.feature_key() == golden["options"]
-    got = compute.rounded(compute.variant_section(options, compute.with_options(scorer, options)))
+    got = compute.rounded(compute.variant_section(options, compute.with_options(engine, options)))
     for name in golden["features"]:
         assert_close(
             got["features"][name],
@@ -160,7 +160,7 @@ _VARIANT_BASE: list[Any] = []
 
 def _variant_base() -> Any:
     if not _VARIANT_BASE:
-        _VARIANT_BASE.append(compute.load_scorer(compute.VARIANT_RUNTIME))
+        _VARIANT_BASE.append(compute.load_engine(compute.VARIANT_RUNTIME))
     return _VARIANT_BASE[0]
 
 

@@ -20,7 +20,7 @@ from app.engine.calibration.heatmap import HeatmapCalibration
 from app.settings import Settings
 from app.web.app import create_app
 from tests.helpers import until
-from tests.service_fakes import FakeScorer
+from tests.service_fakes import FakeEngine
 
 SIDE = 8  # the fake model's resolution: uploads this size are not resampled, so PNG pixels are map pixels
 
@@ -38,7 +38,7 @@ def face(seed: int, square: bool = False) -> bytes:
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    fake = FakeScorer()
+    fake = FakeEngine()
     settings = Settings(
         profiles_dir=tmp_path / "profiles", allow_open_profile_creation=True, max_batch_delay_ms=1.0
     )

@@ -96,7 +96,7 @@ def test_the_import_closure_follows_lazy_imports() -> None:
 
 def test_the_offline_commands_import_no_service_and_no_web_code() -> None:
     reached = _app_import_closure([f"app.commands.{name}" for name in OFFLINE_COMMANDS])
-    assert "app.bootstrap" in reached and "app.engine.scorer" in reached  # the walk reached the engine
+    assert "app.bootstrap" in reached and "app.engine.engine" in reached  # the walk reached the engine
     assert sorted(m for m in reached if m.startswith(("app.service", "app.web"))) == []
     # and at run time, in a fresh interpreter (module-level imports)
     probe = (
@@ -210,7 +210,7 @@ def test_app_has_no_import_cycle(lazy: bool) -> None:
     time), then with the imports inside functions too. ``if TYPE_CHECKING:`` imports are left out."""
     graph = {name: _import_edges(name, lazy) for name in _app_modules()}
     assert (
-        len(graph) > 50 and "app.engine.types" in graph["app.engine.trajectory"] | graph["app.engine.scorer"]
+        len(graph) > 50 and "app.engine.types" in graph["app.engine.trajectory"] | graph["app.engine.engine"]
     )
     assert _cycles(graph) == []
 

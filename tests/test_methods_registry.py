@@ -2,7 +2,7 @@
 
 The toy method below is the whole of what a new method takes (app/engine/methods/__init__.py): a class
 declaring its name, what it sums along the shared walk, its density and its default shrinkage, then
-``register``. It runs on the shipped model through the real Scorer, fits a profile, and goes away again.
+``register``. It runs on the shipped model through the real Engine, fits a profile, and goes away again.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from app.commands.setting_flags import choices
 from app.engine.calibration.density import GaussianMixtureDensity
 from app.engine.calibration.fit import fit_profile
 from app.engine.calibration.store import ProfileStore
+from app.engine.engine import Engine
 from app.engine.methods import (
     METHODS,
     BatchStats,
@@ -34,7 +35,6 @@ from app.engine.methods import (
     unregister,
 )
 from app.engine.methods.path_sums import PathAccumulator, stein_error
-from app.engine.scorer import Scorer
 from app.engine.trajectory import TrajectoryStep
 from app.engine.types import MethodOptions
 from app.errors import ProfileMismatch
@@ -85,17 +85,17 @@ def toy() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def scorer() -> Scorer:
-    scorer = Scorer(SHIPPED_MODEL, device="cpu", runtime="torch", options=MethodOptions(steps=STEPS))
-    scorer.load(warmup_batch=0)
-    return scorer
+def engine() -> Engine:
+    engine = Engine(SHIPPED_MODEL, device="cpu", runtime="torch", options=MethodOptions(steps=STEPS))
+    engine.load(warmup_batch=0)
+    return engine
 
 
 @contextmanager
-def unet_calls(scorer: Scorer) -> Iterator[list[int]]:
+def unet_calls(engine: Engine) -> Iterator[list[int]]:
     """Batch sizes of every UNet forward pass (a hook that only counts; the model computes as always)."""
     calls: list[int] = []
-    hook = scorer.model.unet.register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
+    hook = engine.model.unet.register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
     try:
         yield calls
     finally:
@@ -130,33 +130,33 @@ def test_a_registered_method_is_known_everywhere_and_forgotten_after(toy: str) -
 
 
 @pytest.mark.slow
-def test_a_toy_method_scores_real_images_and_calibrates(toy: str, scorer: Scorer, tmp_path: Path) -> None:
-    celeba = [scorer.decode(p.read_bytes()) for p in require_data("celeba", 16)]
-    mnist = [scorer.decode(p.read_bytes()) for p in require_data("mnist", 4)]
+def test_a_toy_method_scores_real_images_and_calibrates(toy: str, engine: Engine, tmp_path: Path) -> None:
+    celeba = [engine.decode(p.read_bytes()) for p in require_data("celeba", 16)]
+    mnist = [engine.decode(p.read_bytes()) for p in require_data("mnist", 4)]
     options = MethodOptions(method=toy, steps=STEPS)
-    toy_scorer = copy.copy(scorer)  # the loaded model under other options (no second load)
-    toy_scorer.options = options
+    toy_engine = copy.copy(engine)  # the loaded model under other options (no second load)
+    toy_engine.options = options
 
-    with unet_calls(scorer) as calls:
-        together = scorer.run_methods(celeba, ("diffpath-v2", toy, "diffpath-6d"))
+    with unet_calls(engine) as calls:
+        together = engine.image_stats_by_method(celeba, ("diffpath-v2", toy, "diffpath-6d"))
     assert calls == [len(celeba)] * STEPS  # one shared walk for three path methods: K passes, not 3K
-    alone = toy_scorer.run(celeba)
+    alone = toy_engine.image_stats(celeba)
     for shared, own in zip(together[toy], alone, strict=True):
         assert shared.features.shape == (STEPS,) and np.isfinite(shared.features).all()
         np.testing.assert_allclose(shared.features, own.features, rtol=1e-6)
         assert shared.heatmap.shape == (32, 32)
 
     features = np.stack([s.features for s in alone[:12]])
-    profile = fit_profile("toy", features, model_id=scorer.info.model_id, options=options)
-    store = ProfileStore(tmp_path, scorer.info.model_id, options)
+    profile = fit_profile("toy", features, model_id=engine.info.model_id, options=options)
+    store = ProfileStore(tmp_path, engine.info.model_id, options)
     store.save(profile)
     loaded = store.get("toy")
     assert loaded.density.kind == "gmm" and loaded.options.method == toy
     normal = [v.score for v in loaded.verdicts(alone[12:])]
-    digits = [v.score for v in loaded.verdicts(toy_scorer.run(mnist))]
+    digits = [v.score for v in loaded.verdicts(toy_engine.image_stats(mnist))]
     assert None not in normal + digits
     assert np.mean(digits) > np.mean(normal)  # type: ignore[arg-type]
 
     unregister(toy)  # a profile of a method this build does not have is refused, not misread
     with pytest.raises(ProfileMismatch, match="unknown method"):
-        ProfileStore(tmp_path, scorer.info.model_id, options).get("toy")
+        ProfileStore(tmp_path, engine.info.model_id, options).get("toy")

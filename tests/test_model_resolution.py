@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 from app.client import AnomalyClient
+from app.engine.engine import Engine
 from app.engine.explain import heatmap_png
 from app.engine.model.sidecar import InputTransform, ModelSidecar
 from app.engine.preprocessing import center_crop_box, crop_box, prepare
-from app.engine.scorer import Scorer
 from tests.conftest import LiveServer
 from tests.helpers import make_tiny_model, missing
 
@@ -111,17 +111,17 @@ def test_heat_map_lies_over_the_region_the_model_saw() -> None:
     assert (a[:, 30:90] > 0).all() and not a[:, :30].any() and not a[:, 90:].any()
 
 
-def test_the_scorer_takes_the_transform_from_the_model_folder(tmp_path: Path) -> None:
+def test_the_engine_takes_the_transform_from_the_model_folder(tmp_path: Path) -> None:
     folder = make_tiny_model(tmp_path / "m", sample_size=32)
     ModelSidecar(input_transform=DIFFPATH_CELEBA).write(folder)
-    scorer = Scorer(folder, device="cpu", runtime="torch")
-    scorer.load(warmup_batch=0)
-    assert scorer.input_transform == DIFFPATH_CELEBA
+    engine = Engine(folder, device="cpu", runtime="torch")
+    engine.load(warmup_batch=0)
+    assert engine.input_transform == DIFFPATH_CELEBA
     image = photo(178, 218, seed=2)
-    prepared = scorer.decode(png(image))
+    prepared = engine.decode(png(image))
     assert prepared.crop_box == (19, 39, 159, 179) and prepared.tensor.shape == (3, 32, 32)
     assert torch.equal(prepared.tensor, prepare(image, 32, transform=DIFFPATH_CELEBA).tensor)
-    plain = Scorer(make_tiny_model(tmp_path / "plain", sample_size=32), device="cpu", runtime="torch")
+    plain = Engine(make_tiny_model(tmp_path / "plain", sample_size=32), device="cpu", runtime="torch")
     plain.load(warmup_batch=0)
     assert plain.input_transform == InputTransform() and plain.decode(png(image)).crop_box == (
         0,

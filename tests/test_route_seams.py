@@ -24,7 +24,7 @@ from app.engine.calibration.store import ProfileStore
 from app.settings import Settings
 from app.web.app import create_app
 from tests.helpers import metric_value, until
-from tests.service_fakes import FakeScorer, png
+from tests.service_fakes import FakeEngine, png
 
 WAIT = 10.0
 
@@ -47,19 +47,19 @@ Score = Callable[..., httpx.Response]
 
 
 @pytest.fixture
-def fake() -> FakeScorer:
-    return FakeScorer()
+def fake() -> FakeEngine:
+    return FakeEngine()
 
 
-def serve(tmp_path: Path, fake: FakeScorer, **overrides: Any) -> TestClient:
+def serve(tmp_path: Path, fake: FakeEngine, **overrides: Any) -> TestClient:
     settings = Settings(
         profiles_dir=tmp_path / "profiles",
         max_batch_delay_ms=1.0,
         min_request_timeout_s=0.01,  # lets a request ask for a deadline that passes while a batch is held
         **overrides,
     )
-    fitter = FakeScorer()  # another instance: ``fake.seen`` counts only the images of requests
-    stats = fitter.run([fitter.decode(png(100 + i)) for i in range(12)])
+    fitter = FakeEngine()  # another instance: ``fake.seen`` counts only the images of requests
+    stats = fitter.image_stats([fitter.decode(png(100 + i)) for i in range(12)])
     features = np.stack([s.features for s in stats])
     fit_profile("default", features, model_id=fitter.info.model_id, options=fitter.options).save(
         tmp_path / "profiles" / "default.json"
@@ -68,14 +68,14 @@ def serve(tmp_path: Path, fake: FakeScorer, **overrides: Any) -> TestClient:
 
 
 @pytest.fixture
-def client(tmp_path: Path, fake: FakeScorer) -> Iterator[TestClient]:
+def client(tmp_path: Path, fake: FakeEngine) -> Iterator[TestClient]:
     with serve(tmp_path, fake) as c:
         until(lambda: c.get("/readyz").status_code == 200, "/readyz 200", WAIT)
         yield c
 
 
 def late_while_busy(
-    client: TestClient, fake: FakeScorer, late: Callable[[], httpx.Response]
+    client: TestClient, fake: FakeEngine, late: Callable[[], httpx.Response]
 ) -> httpx.Response:
     """``late()`` while the worker holds another request's batch; that one still answers 200."""
     fake.hold()
@@ -94,7 +94,7 @@ def late_while_busy(
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_requests_own_timeout_shortens_its_deadline(
-    client: TestClient, fake: FakeScorer, protocol: str
+    client: TestClient, fake: FakeEngine, protocol: str
 ) -> None:
     answer, held = late_while_busy(client, fake, lambda: PROTOCOLS[protocol](client, png(77), timeout_s=0.05))
     assert answer.status_code == 504, answer.text
@@ -104,7 +104,7 @@ def test_a_requests_own_timeout_shortens_its_deadline(
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_a_longer_timeout_is_capped_at_the_servers(tmp_path: Path, fake: FakeScorer, protocol: str) -> None:
+def test_a_longer_timeout_is_capped_at_the_servers(tmp_path: Path, fake: FakeEngine, protocol: str) -> None:
     with serve(tmp_path, fake, request_timeout_s=0.3) as client:
         until(lambda: client.get("/readyz").status_code == 200, "/readyz 200", WAIT)
         answer, _ = late_while_busy(client, fake, lambda: PROTOCOLS[protocol](client, png(77), timeout_s=600))

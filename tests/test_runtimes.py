@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from app.engine.engine import Engine
 from app.engine.model.loading import ModelLoadError, load_model
 from app.engine.model.runtimes import RuntimeUnavailable, build_runtime
-from app.engine.scorer import Scorer
 from tests.helpers import require_data
 
 pytestmark = pytest.mark.slow
@@ -28,45 +28,45 @@ def images(folder: str, count: int, start: int = 0) -> list[bytes]:
     return [p.read_bytes() for p in require_data(folder, count, start)]
 
 
-def features(scorer: Scorer, blobs: list[bytes]) -> np.ndarray:
-    return np.stack([s.features for s in scorer.run([scorer.decode(b) for b in blobs])])
+def features(engine: Engine, blobs: list[bytes]) -> np.ndarray:
+    return np.stack([s.features for s in engine.image_stats([engine.decode(b) for b in blobs])])
 
 
 @pytest.fixture(scope="module")
 def torch_features() -> np.ndarray:
-    scorer = Scorer(MODEL, device="cpu", dtype="float32", runtime="torch")
-    scorer.load(warmup_batch=0)
-    return features(scorer, images("celeba", 4) + images("cifar10", 4))
+    engine = Engine(MODEL, device="cpu", dtype="float32", runtime="torch")
+    engine.load(warmup_batch=0)
+    return features(engine, images("celeba", 4) + images("cifar10", 4))
 
 
 def test_onnxruntime_computes_what_torch_computes(torch_features: np.ndarray) -> None:
     runtime = "onnxruntime"
-    scorer = Scorer(MODEL, device="cpu", dtype="float32", runtime=runtime)
-    scorer.load(warmup_batch=0)
-    assert scorer.info.runtime == runtime and scorer.info.dtype == "float32"
+    engine = Engine(MODEL, device="cpu", dtype="float32", runtime=runtime)
+    engine.load(warmup_batch=0)
+    assert engine.info.runtime == runtime and engine.info.dtype == "float32"
     # the export traced the loaded module without touching it: the torch UNet keeps its CPU layout
-    assert scorer.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    got = features(scorer, images("celeba", 4) + images("cifar10", 4))
+    assert engine.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    got = features(engine, images("celeba", 4) + images("cifar10", 4))
     np.testing.assert_allclose(got, torch_features, atol=FLOAT32_TOL)
     # batch-size independence: the exported graph has a dynamic batch dimension
-    single = features(scorer, images("cifar10", 1))
+    single = features(engine, images("cifar10", 1))
     np.testing.assert_allclose(single[0], torch_features[4], atol=FLOAT32_TOL)
 
 
 def test_concurrent_instances_get_their_own_results() -> None:
     """Two threads computing different batches at once (model instances) on one session each get their
     own answer (a runtime sharing an output buffer between calls would hand one thread the other's eps)."""
-    scorer = Scorer(MODEL, device="cpu", dtype="float32", runtime="onnxruntime", torch_threads=1)
-    scorer.load(warmup_batch=0)
+    engine = Engine(MODEL, device="cpu", dtype="float32", runtime="onnxruntime", torch_threads=1)
+    engine.load(warmup_batch=0)
     batches = [images("celeba", 6), images("mnist", 6)]
-    expected = [features(scorer, b) for b in batches]
+    expected = [features(engine, b) for b in batches]
     results: dict[int, list[np.ndarray]] = {0: [], 1: []}
     start = threading.Barrier(2, timeout=120)
 
     def work(i: int) -> None:
         start.wait()
         for _ in range(3):
-            results[i].append(features(scorer, batches[i]))
+            results[i].append(features(engine, batches[i]))
 
     threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
     for t in threads:

@@ -41,7 +41,7 @@ from app.errors import InvalidInput, PayloadTooLarge
 from app.settings import Settings
 from app.web.app import create_app
 from tests.helpers import make_tiny_model
-from tests.service_fakes import FakeScorer, png
+from tests.service_fakes import FakeEngine, png
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.lock"
@@ -50,7 +50,7 @@ ALLOWLIST = ROOT / "pip-audit-allowlist.txt"
 
 @contextmanager
 def running(tmp_path: Path, **overrides: Any) -> Iterator[TestClient]:
-    fake = FakeScorer()
+    fake = FakeEngine()
     app = create_app(Settings(profiles_dir=tmp_path / "profiles", **overrides), engine=fake)
     with TestClient(app, raise_server_exceptions=False) as client:
         end = time.monotonic() + 10

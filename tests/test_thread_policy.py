@@ -12,7 +12,7 @@ import torch
 
 from app.bootstrap import apply_thread_policy
 from app.cli import main
-from app.engine.scorer import Scorer
+from app.engine.engine import Engine
 from app.settings import Settings
 from tests.helpers import make_tiny_model
 
@@ -32,9 +32,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
 def test_loading_a_model_leaves_torch_threads_alone(model: Path, runtime: str) -> None:
     torch.set_num_threads(3)
-    scorer = Scorer(model, device="cpu", runtime=runtime, torch_threads=2)
-    scorer.load(warmup_batch=1)
-    assert scorer.info.runtime == runtime
+    engine = Engine(model, device="cpu", runtime=runtime, torch_threads=2)
+    engine.load(warmup_batch=1)
+    assert engine.info.runtime == runtime
     assert torch.get_num_threads() == 3
 
 
@@ -59,11 +59,11 @@ def test_the_scoring_commands_set_the_policy_before_loading(monkeypatch: pytest.
 
     seen: list[int] = []
 
-    def load_scorer(settings: Settings, *_: object, **__: object) -> None:
+    def load_engine(settings: Settings, *_: object, **__: object) -> None:
         seen.append(torch.get_num_threads())
         raise Loaded
 
-    monkeypatch.setattr(score, "load_scorer", load_scorer)
+    monkeypatch.setattr(score, "load_engine", load_engine)
     torch.set_num_threads(3)
     for runtime, expected in (("onnxruntime", 1), ("torch", 2)):
         with pytest.raises(Loaded):

@@ -15,8 +15,8 @@ import torch
 from app.cli import main as cli_main
 from app.engine.calibration.choice import MAX_GAP, choose_options, generalisation_gap
 from app.engine.calibration.profile import Profile, features_under
+from app.engine.engine import Engine
 from app.engine.methods import aggregations
-from app.engine.scorer import Scorer
 from app.engine.types import ImageStats, MethodOptions
 from tests.helpers import SHIPPED_MODEL, require_data
 
@@ -24,34 +24,34 @@ GOLDEN_IMAGES = sorted((Path(__file__).parent / "goldens" / "images").glob("*.pn
 
 
 @pytest.fixture(scope="module")
-def scorers() -> dict[str, Scorer]:
+def engines() -> dict[str, Engine]:
     out = {}
     for runtime in ("torch", "onnxruntime"):
-        scorer = Scorer(SHIPPED_MODEL, device="cpu", runtime=runtime)
-        scorer.load(warmup_batch=0)
-        out[runtime] = scorer
+        engine = Engine(SHIPPED_MODEL, device="cpu", runtime=runtime)
+        engine.load(warmup_batch=0)
+        out[runtime] = engine
     return out
 
 
 @pytest.fixture(scope="module")
-def golden_stats(scorers: dict[str, Scorer]) -> dict[str, list[ImageStats]]:
-    return {rt: s.run([s.decode(p.read_bytes()) for p in GOLDEN_IMAGES]) for rt, s in scorers.items()}
+def golden_stats(engines: dict[str, Engine]) -> dict[str, list[ImageStats]]:
+    return {rt: s.image_stats([s.decode(p.read_bytes()) for p in GOLDEN_IMAGES]) for rt, s in engines.items()}
 
 
 @pytest.mark.parametrize("aggregation", ["sum", "per-step", "per-step-centre"])
 def test_a_profile_derives_from_one_walk_the_features_the_engine_computes_under_its_aggregation(
-    scorers: dict[str, Scorer], golden_stats: dict[str, list[ImageStats]], aggregation: str
+    engines: dict[str, Engine], golden_stats: dict[str, list[ImageStats]], aggregation: str
 ) -> None:
     """One walk under the default options gives every aggregation's features, equal to a walk made for it."""
-    scorer = scorers["torch"]
+    engine = engines["torch"]
     own = MethodOptions(aggregation=aggregation)  # type: ignore[arg-type]
-    scorer.options = own
+    engine.options = own
     try:
         direct = np.stack(
-            [s.features for s in scorer.run([scorer.decode(p.read_bytes()) for p in GOLDEN_IMAGES])]
+            [s.features for s in engine.image_stats([engine.decode(p.read_bytes()) for p in GOLDEN_IMAGES])]
         )
     finally:
-        scorer.options = MethodOptions()
+        engine.options = MethodOptions()
     # derived from the sums and grids, not read off the engine's own features (untagged)
     derived = features_under(own, [dataclasses.replace(s, aggregation=None) for s in golden_stats["torch"]])
     np.testing.assert_allclose(derived, direct, rtol=1e-5, atol=1e-5)
@@ -72,11 +72,11 @@ def test_the_embedding_comes_from_the_same_pass_on_both_runtimes(
 
 
 def test_the_embedding_is_the_spatial_mean_of_the_first_up_blocks_output(
-    scorers: dict[str, Scorer], golden_stats: dict[str, list[ImageStats]]
+    engines: dict[str, Engine], golden_stats: dict[str, list[ImageStats]]
 ) -> None:
     """docs/METHOD.md, "Embedding expert": read by hand from the block's output at the walk's first step."""
-    model = scorers["torch"].model
-    x0 = torch.stack([scorers["torch"].decode(p.read_bytes()).tensor for p in GOLDEN_IMAGES])
+    model = engines["torch"].model
+    x0 = torch.stack([engines["torch"].decode(p.read_bytes()).tensor for p in GOLDEN_IMAGES])
     seen: list[torch.Tensor] = []
     hook = model.unet.up_blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
     try:
@@ -111,11 +111,11 @@ def test_a_profile_of_the_earlier_embedding_is_refused_and_others_still_load() -
         Profile.from_dict(earlier)
 
 
-def test_choice_on_few_textures_keeps_the_energies_and_records_why(scorers: dict[str, Scorer]) -> None:
+def test_choice_on_few_textures_keeps_the_energies_and_records_why(engines: dict[str, Engine]) -> None:
     """30 textures do not support a density over 256 embedding values (its gap is over the limit): the
     energies are taken. (200 textures take the embedding expert: tests/test_zero_shot_live.py.)"""
-    scorer = scorers["onnxruntime"]
-    stats = scorer.run([scorer.decode(p.read_bytes()) for p in require_data("dtd", 30)])
+    engine = engines["onnxruntime"]
+    stats = engine.image_stats([engine.decode(p.read_bytes()) for p in require_data("dtd", 30)])
     choice = choose_options(MethodOptions(), stats)
     assert choice.options.aggregation == "per-step-centre"
     assert choice.options.walk_key() == MethodOptions().walk_key()

@@ -14,7 +14,7 @@ import pytest
 
 from app.client import AnomalyClient
 from app.engine.calibration.profile import Profile
-from app.engine.scorer import Scorer
+from app.engine.engine import Engine
 from tests.conftest import LiveServer
 from tests.helpers import SHIPPED_MODEL, metric_value, require_data
 
@@ -76,9 +76,9 @@ def test_a_texture_profile_chooses_its_features_and_shares_batches_with_the_face
     by_textures = [r.score for r in texture_view.results]  # type: ignore[attr-defined]
     assert np.mean(by_textures[:4]) > np.mean(by_textures[4:]) + 1.0, by_textures
     # the scores are what the engine and each profile compute offline
-    scorer = Scorer(SHIPPED_MODEL, device="cpu")
-    scorer.load(warmup_batch=0)
-    stats = scorer.run([scorer.decode(b) for b in batch])
+    engine = Engine(SHIPPED_MODEL, device="cpu")
+    engine.load(warmup_batch=0)
+    stats = engine.image_stats([engine.decode(b) for b in batch])
     folder = Path(server.env["DDM_PROFILES_DIR"])
     for name, answer in (("default", faces_view), ("textures", texture_view)):
         expected = Profile.load(folder / f"{name}.json").score(

@@ -15,7 +15,7 @@ from app.engine.preprocessing import DecodeLimits, PreparedImage, decode_image, 
 from app.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from app.engine.scorer import Scorer
+    from app.engine.engine import Engine
     from app.settings import Settings
 
 DIGEST_BYTES = 32  # PreparedImage.digest: sha256 of the prepared pixels, seeds the image's noise
@@ -23,7 +23,7 @@ DIGEST_BYTES = 32  # PreparedImage.digest: sha256 of the prepared pixels, seeds 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What ``Scorer.decode`` applies to an upload, as plain data a decode task can carry: the service's
+    """What ``Engine.decode`` applies to an upload, as plain data a decode task can carry: the service's
     caps (file size, pixels, formats) and the model's input transform and resolution."""
 
     size: int
@@ -33,9 +33,9 @@ class InputSpec:
     max_bytes: int
 
     @classmethod
-    def of(cls, scorer: Scorer, settings: Settings) -> InputSpec:
-        info = scorer.info
-        return cls(info.sample_size, info.in_channels, scorer.input_transform, scorer.limits,
+    def of(cls, engine: Engine, settings: Settings) -> InputSpec:
+        info = engine.info
+        return cls(info.sample_size, info.in_channels, engine.input_transform, engine.limits,
                    settings.max_upload_bytes)  # fmt: skip
 
     def read(self, path: str) -> PreparedImage:

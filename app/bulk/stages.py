@@ -29,11 +29,11 @@ def driver_check(settings: Settings, profile_name: str) -> tuple[InputSpec, dict
     options); a mismatch fails here, not in every actor. Returns the decode spec and the profile document
     the actors judge with (so the workers need no profiles folder)."""
     probe = settings.model_copy(update={"device": "cpu", "dtype": "float32", "runtime": "torch"})
-    scorer = engine_from_settings(probe)
-    scorer.load(warmup_batch=0)
-    store = ProfileStore(settings.profiles_folder, scorer.info.model_id, scorer.options)
+    engine = engine_from_settings(probe)
+    engine.load(warmup_batch=0)
+    store = ProfileStore(settings.profiles_folder, engine.info.model_id, engine.options)
     profile = store.get(profile_name)
-    return InputSpec.of(scorer, settings), profile.to_dict()
+    return InputSpec.of(engine, settings), profile.to_dict()
 
 
 class BatchScorer:
@@ -44,16 +44,16 @@ class BatchScorer:
         import ray  # only ever constructed inside a Ray worker
 
         apply_thread_policy(settings)
-        self.scorer = engine_from_settings(settings)
-        self.scorer.load(warmup_batch=2 if warmup else 0)
+        self.engine = engine_from_settings(settings)
+        self.engine.load(warmup_batch=2 if warmup else 0)
         self.profile = Profile.from_dict(profile_doc)
         # the profile derives its own features from the walk; it must share the walk (served_key)
         if (self.profile.model_id, served_key(self.profile.options)) != (
-            self.scorer.info.model_id,
-            served_key(self.scorer.options),
+            self.engine.info.model_id,
+            served_key(self.engine.options),
         ):
             raise ProfileMismatch(
-                f"this worker loaded {self.scorer.info.model_id}; profile {self.profile.name!r} is for "
+                f"this worker loaded {self.engine.info.model_id}; profile {self.profile.name!r} is for "
                 f"{self.profile.model_id} or other method options (the workers' model folder differs?)"
             )
         self.node = ray.get_runtime_context().get_node_id()
@@ -66,7 +66,7 @@ class BatchScorer:
         digests = batch["digest"]
         prepared = [PreparedImage(images[j], (0, 0), bytes(digests[i])) for j, i in enumerate(ok)]
         verdicts: dict[int, Verdict] = dict(
-            zip(ok, self.profile.verdicts(self.scorer.run(prepared)), strict=True)
+            zip(ok, self.profile.verdicts(self.engine.image_stats(prepared)), strict=True)
         )
         return self.rows([str(p) for p in batch["path"]], verdicts, errors)
 

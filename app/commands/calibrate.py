@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from app.commands.common import add_engine_args, load_scorer, profiles_dir, settings_from_args
+from app.commands.common import add_engine_args, load_engine, profiles_dir, settings_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,22 +47,22 @@ def run(args: argparse.Namespace) -> int:
     validate_profile_name(args.name)
     settings = settings_from_args(args)
     apply_thread_policy(settings)
-    scorer = load_scorer(settings)
+    engine = load_engine(settings)
     paths = [
         p for folder in args.images for p in list_images(folder, args.limit, seed=0 if args.limit else None)
     ]
-    kept, stats = folder_statistics(scorer, paths, batch_size=args.batch_size, desc="calibrating")
+    kept, stats = folder_statistics(engine, paths, batch_size=args.batch_size, desc="calibrating")
     profile = calibrate_profile(
         args.name,
-        stats[scorer.options.method],
-        scorer.options,
+        stats[engine.options.method],
+        engine.options,
         settings.aggregation,
-        model_id=scorer.info.model_id,
+        model_id=engine.info.model_id,
         fprs=tuple(args.fpr),
         default_fpr=args.default_fpr,
         source=", ".join(f"{folder}" for folder in args.images) + f" ({len(kept)} images)",
     )
-    store = ProfileStore(profiles_dir(settings), scorer.info.model_id, scorer.options)
+    store = ProfileStore(profiles_dir(settings), engine.info.model_id, engine.options)
     path = store.save(profile, overwrite=args.overwrite)
     for warning in profile.warnings():  # also in the summary's "warnings"
         print(f"warning: {warning}", file=sys.stderr)

@@ -10,7 +10,7 @@ from app.commands.setting_flags import add_setting_flags, overrides
 from app.settings import Settings
 
 if TYPE_CHECKING:  # the engine (torch) loads when a command runs, not to print --help
-    from app.engine.scorer import Scorer
+    from app.engine.engine import Engine
     from app.engine.types import MethodOptions
 
 # Settings the model-loading commands take as flags (choices, types and help from Settings)
@@ -31,12 +31,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**given, **overrides(args, ENGINE_FLAGS))
 
 
-def load_scorer(settings: Settings, options: MethodOptions | None = None, warmup: bool = False) -> Scorer:
+def load_engine(settings: Settings, options: MethodOptions | None = None, warmup: bool = False) -> Engine:
     from app.bootstrap import engine_from_settings
 
-    scorer = engine_from_settings(settings, options)
-    scorer.load(warmup_batch=2 if warmup else 0)
-    return scorer
+    engine = engine_from_settings(settings, options)
+    engine.load(warmup_batch=2 if warmup else 0)
+    return engine
 
 
 def profiles_dir(settings: Settings) -> Path:

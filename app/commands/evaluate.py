@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.commands.common import add_engine_args, load_scorer, settings_from_args
+from app.commands.common import add_engine_args, load_engine, settings_from_args
 from app.settings import Settings
 
 if TYPE_CHECKING:  # the engine (torch) loads when the command runs, not to print --help
     import numpy as np
 
-    from app.engine.scorer import Scorer
+    from app.engine.engine import Engine
     from app.offline.evaluation import PairResult
 
 log = logging.getLogger(__name__)
@@ -99,14 +99,14 @@ def split_id_and_fit(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
 
 
 def cache_file(
-    folder: Path | None, scorer: Scorer, settings: Settings, methods: list[str], paths: list[Path]
+    folder: Path | None, engine: Engine, settings: Settings, methods: list[str], paths: list[Path]
 ) -> Path | None:
     from app.bootstrap import options_from_settings
 
     if folder is None:
         return None
     key = {
-        "model": scorer.info.model_id,
+        "model": engine.info.model_id,
         "options": [options_from_settings(settings, m).feature_key() for m in methods],
         "files": [str(p.resolve()) for p in paths],
     }
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         )
     settings = settings_from_args(args)
     apply_thread_policy(settings)
-    scorer = load_scorer(settings, options_from_settings(settings, args.methods[0]))
+    engine = load_engine(settings, options_from_settings(settings, args.methods[0]))
     id_name = args.id_name or args.id.name
     id_paths, fit_paths = split_id_and_fit(args)
     if not fit_paths or not id_paths:
@@ -143,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
         sets[name] = list_images(folder, args.limit, seed=0 if args.limit else None)
 
     started = time.perf_counter()
-    features, n_images = set_features(args, scorer, settings, sets)
+    features, n_images = set_features(args, engine, settings, sets)
     seconds = time.perf_counter() - started
-    scores, results, thresholds = compare_methods(args, scorer, settings, features, id_name)
+    scores, results, thresholds = compare_methods(args, engine, settings, features, id_name)
 
     print(format_table(results))
     per_image = seconds / max(n_images, 1)
@@ -155,12 +155,12 @@ def run(args: argparse.Namespace) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "results": [r.to_dict() for r in results],
-        "model_id": scorer.info.model_id,
+        "model_id": engine.info.model_id,
         "options": {m: options_from_settings(settings, m).to_dict() for m in args.methods},
         "n_fit": len(features[args.methods[0]]["__fit__"]),
         "seconds": seconds,
         "seconds_per_image": per_image,
-        "device": scorer.info.device,
+        "device": engine.info.device,
     }
     args.json.write_text(json.dumps(report, indent=2))
     if not args.no_plots:
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def set_features(
-    args: argparse.Namespace, scorer: Scorer, settings: Settings, sets: dict[str, list[Path]]
+    args: argparse.Namespace, engine: Engine, settings: Settings, sets: dict[str, list[Path]]
 ) -> tuple[dict[str, dict[str, np.ndarray]], int]:
     """{method: {set name: feature matrix}} for every set (from the --cache when it has the set), and the
     number of images the model computed."""
@@ -181,13 +181,13 @@ def set_features(
     n_images = 0
     features: dict[str, dict[str, np.ndarray]] = {m: {} for m in args.methods}
     for name, paths in sets.items():
-        cache = cache_file(args.cache, scorer, settings, args.methods, paths)
+        cache = cache_file(args.cache, engine, settings, args.methods, paths)
         if cache is not None and cache.is_file():
             with np.load(cache, allow_pickle=False) as data:
                 for m in args.methods:
                     features[m][name] = data[m]
             continue
-        kept, stats = folder_statistics(scorer, paths, args.methods, args.batch_size, desc=name)
+        kept, stats = folder_statistics(engine, paths, args.methods, args.batch_size, desc=name)
         n_images += len(kept)
         for m in args.methods:
             features[m][name] = feature_matrix(stats[m])
@@ -199,7 +199,7 @@ def set_features(
 
 def compare_methods(
     args: argparse.Namespace,
-    scorer: Scorer,
+    engine: Engine,
     settings: Settings,
     features: dict[str, dict[str, np.ndarray]],
     id_name: str,
@@ -216,7 +216,7 @@ def compare_methods(
     for m in args.methods:
         options = options_from_settings(settings, m)
         profile = fit_profile(
-            f"eval-{m}", features[m]["__fit__"], model_id=scorer.info.model_id, options=options
+            f"eval-{m}", features[m]["__fit__"], model_id=engine.info.model_id, options=options
         )
         thresholds[m] = (profile.default_fpr, profile.threshold)
         for name in features[m]:

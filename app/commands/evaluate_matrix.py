@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from app.bootstrap import apply_thread_policy
-from app.commands.common import load_scorer, settings_from_args
+from app.commands.common import load_engine, settings_from_args
 from app.engine.calibration.choice import calibrate_profile
+from app.engine.engine import Engine
 from app.engine.model.runtimes import EMBEDDING
-from app.engine.scorer import Scorer
 from app.engine.types import ImageStats
 from app.offline.datasets import folder_statistics, list_images
 from app.offline.evaluation import detection_metrics, plot_matrix
@@ -54,10 +54,10 @@ def matrix_split(
 
 
 def walked(
-    scorer: Scorer, paths: list[Path], cache: Path | None, batch_size: int, desc: str
+    engine: Engine, paths: list[Path], cache: Path | None, batch_size: int, desc: str
 ) -> list[ImageStats]:
     """The engine's statistics of ``paths`` (from ``cache`` when it has exactly these files)."""
-    walk = {"model": scorer.info.model_id, "walk": scorer.options.walk_key(), "embedding": EMBEDDING}
+    walk = {"model": engine.info.model_id, "walk": engine.options.walk_key(), "embedding": EMBEDDING}
     key = json.dumps({**walk,
                       "files": [str(p.resolve()) for p in paths]}, sort_keys=True)  # fmt: skip
     target = None if cache is None else cache / f"walk-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
@@ -68,8 +68,8 @@ def walked(
         return [
             ImageStats(**{k: (v if k == "timesteps" else v[i]) for k, v in arrays.items()}) for i in range(n)
         ]
-    _, stats = folder_statistics(scorer, paths, batch_size=batch_size, desc=desc)
-    out = stats[scorer.options.method]
+    _, stats = folder_statistics(engine, paths, batch_size=batch_size, desc=desc)
+    out = stats[engine.options.method]
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
         arrays = {
@@ -84,18 +84,18 @@ def walked(
 def run_matrix(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     apply_thread_policy(settings)
-    scorer = load_scorer(settings)
+    engine = load_engine(settings)
     started = time.perf_counter()
     fit, scored = {}, {}
     for name, folder in args.matrix:
         fit_paths, scored_paths = matrix_split(folder, args.fit_limit, args.limit, args.split)
-        fit[name] = walked(scorer, fit_paths, args.cache, args.batch_size, f"{name} fit")
-        scored[name] = walked(scorer, scored_paths, args.cache, args.batch_size, f"{name} {args.split}")
+        fit[name] = walked(engine, fit_paths, args.cache, args.batch_size, f"{name} fit")
+        scored[name] = walked(engine, scored_paths, args.cache, args.batch_size, f"{name} {args.split}")
     names = list(fit)
     rows: dict[str, dict[str, Any]] = {}
     for normal in names:
         profile = calibrate_profile(
-            normal, fit[normal], scorer.options, settings.aggregation, model_id=scorer.info.model_id
+            normal, fit[normal], engine.options, settings.aggregation, model_id=engine.info.model_id
         )
         scores = {s: profile.score(profile.features(scored[s])) for s in names}
         cells = {}
@@ -113,7 +113,7 @@ def run_matrix(args: argparse.Namespace) -> int:
         print(f"{normal:>12} ({profile.options.aggregation}): "
               + "  ".join(f"{o} {c['auroc']:.3f}" for o, c in cells.items()), flush=True)  # fmt: skip
     report = {
-        "model_id": scorer.info.model_id,
+        "model_id": engine.info.model_id,
         "split": args.split,
         "aggregation_setting": settings.aggregation,
         "rows": rows,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from app.commands.common import add_engine_args, load_scorer, profiles_dir, settings_from_args
+from app.commands.common import add_engine_args, load_engine, profiles_dir, settings_from_args
 
 FORMATS = ("jsonl", "csv", "table")  # app/offline/score_report.py writes them
 
@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_images(args.images, args.recursive)
     settings = settings_from_args(args)
     apply_thread_policy(settings)
-    scorer = load_scorer(settings)
-    store = ProfileStore(profiles_dir(settings), scorer.info.model_id, scorer.options)
+    engine = load_engine(settings)
+    store = ProfileStore(profiles_dir(settings), engine.info.model_id, engine.options)
     profile = store.get(args.profile or settings.default_profile)
     writer = ReportWriter(args.format, sys.stdout)
     overlays = OverlayWriter(args.heatmaps, profile) if args.heatmaps else None
@@ -60,14 +60,14 @@ def run(args: argparse.Namespace) -> int:
             prepared, names = [], []
             for path in chunk:
                 try:
-                    prepared.append(scorer.decode(path.read_bytes()))
+                    prepared.append(engine.decode(path.read_bytes()))
                     names.append(path)
                 except (InvalidInput, OSError) as exc:
                     failed += 1
                     writer.row({"image": str(path), "error": str(exc)})
-            stats = scorer.run(prepared)
+            stats = engine.image_stats(prepared)
             for path, p, s, v in zip(names, prepared, stats, profile.verdicts(stats), strict=True):
-                row = {**verdict_row(str(path), v), "profile": profile.name, "model_id": scorer.info.model_id}
+                row = {**verdict_row(str(path), v), "profile": profile.name, "model_id": engine.info.model_id}
                 if args.features and args.format == "jsonl":
                     row["features"] = s.features.tolist()
                 if overlays is not None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from app.engine.engine import Engine
 from app.engine.preprocessing import PreparedImage
-from app.engine.scorer import Scorer
 from app.engine.types import ImageStats
 from app.errors import InvalidInput
 
@@ -54,7 +54,7 @@ def expand_images(specs: Sequence[str], recursive: bool = False) -> list[Path]:
 
 
 def _prepared_batches(
-    scorer: Scorer, paths: Sequence[Path], batch_size: int
+    engine: Engine, paths: Sequence[Path], batch_size: int
 ) -> Iterator[tuple[list[int], list[PreparedImage]]]:
     """Decode the next batch in a thread while the model works on the current one."""
 
@@ -62,7 +62,7 @@ def _prepared_batches(
         idx, images = [], []
         for i, path in chunk:
             try:
-                images.append(scorer.decode(path.read_bytes()))
+                images.append(engine.decode(path.read_bytes()))
                 idx.append(i)
             except InvalidInput as exc:
                 log.warning("skipping %s: %s", path, exc)
@@ -80,7 +80,7 @@ def _prepared_batches(
 
 
 def folder_statistics(
-    scorer: Scorer,
+    engine: Engine,
     paths: Sequence[Path],
     methods: Sequence[str] | None = None,
     batch_size: int = 64,
@@ -88,13 +88,13 @@ def folder_statistics(
     progress: bool = True,
 ) -> tuple[list[Path], dict[str, list[ImageStats]]]:
     """Statistics of every readable image, for each method; returns the paths actually scored."""
-    methods = list(methods or [scorer.options.method])
+    methods = list(methods or [engine.options.method])
     kept: list[Path] = []
     out: dict[str, list[ImageStats]] = {m: [] for m in methods}
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for idx, images in _prepared_batches(scorer, paths, batch_size):
+        for idx, images in _prepared_batches(engine, paths, batch_size):
             if images:
-                stats = scorer.run_methods(images, methods)
+                stats = engine.image_stats_by_method(images, methods)
                 for m in methods:
                     out[m].extend(stats[m])
                 kept.extend(paths[i] for i in idx)

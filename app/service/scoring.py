@@ -1,8 +1,8 @@
 """The data plane: engine + profiles + batcher + metrics behind plain async methods (no HTTP here).
 
 Routes call :class:`ScoringService`; it decodes uploads on a small thread pool, queues the decoded images
-on the batcher (whose ``model_instances`` worker threads are the only callers of the engine's ``run``),
-judges the results against a calibration profile and counts everything.
+on the batcher (whose ``model_instances`` worker threads are the only callers of
+``Engine.image_stats``), judges the results against a calibration profile and counts everything.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ DRAIN_MARGIN_S = 2.0  # time left after the last deadline for one running batch 
 
 
 class Engine(Protocol):
-    """What the service needs from the engine (``Scorer``; tests pass a fake)."""
+    """What the service needs from the engine (``app.engine.engine.Engine``; tests pass a fake)."""
 
     options: MethodOptions
 
@@ -64,7 +64,7 @@ class Engine(Protocol):
     def info(self) -> ModelInfo: ...
     def load(self, warmup_batch: int = 2) -> None: ...
     def decode(self, data: bytes) -> PreparedImage: ...
-    def run(self, batch: Sequence[PreparedImage]) -> list[ImageStats]: ...
+    def image_stats(self, batch: Sequence[PreparedImage]) -> list[ImageStats]: ...
     def memory(self) -> dict[str, float]: ...
 
 
@@ -74,7 +74,7 @@ class ScoringService:
         self.metrics = metrics
         self.engine: Engine = engine if engine is not None else engine_from_settings(settings)
         self.batcher: DynamicBatcher[PreparedImage, ImageStats] = DynamicBatcher(
-            self.engine.run,
+            self.engine.image_stats,
             max_batch_size=settings.max_batch_size,
             max_batch_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue_items=settings.max_queue_images,

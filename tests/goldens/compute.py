@@ -76,20 +76,20 @@ def image_files() -> list[Path]:
 
 
 # --- engine ----------------------------------------------------------------------------------------------
-def load_scorer(runtime: str, options: MethodOptions | None = None) -> Any:
-    from app.engine.scorer import Scorer
+def load_engine(runtime: str, options: MethodOptions | None = None) -> Any:
+    from app.engine.engine import Engine
 
-    scorer = Scorer(SHIPPED_MODEL, device="cpu", runtime=runtime, options=options or MethodOptions())
-    scorer.load(warmup_batch=0)
-    return scorer
+    engine = Engine(SHIPPED_MODEL, device="cpu", runtime=runtime, options=options or MethodOptions())
+    engine.load(warmup_batch=0)
+    return engine
 
 
-def inputs_section(scorer: Any) -> dict[str, Any]:
+def inputs_section(engine: Any) -> dict[str, Any]:
     """What preprocessing hands the model, per image: content digest (seeds the noise) and range."""
     out = {}
     for path in image_files():
         data = path.read_bytes()
-        prepared = scorer.decode(data)
+        prepared = engine.decode(data)
         t = prepared.tensor.double()
         out[path.name] = {
             "png_sha256": hashlib.sha256(data).hexdigest(),
@@ -103,15 +103,15 @@ def inputs_section(scorer: Any) -> dict[str, Any]:
     return out
 
 
-def runtime_section(scorer: Any) -> dict[str, Any]:
+def runtime_section(engine: Any) -> dict[str, Any]:
     """Every method's features (one batch of all images) and the default profile's verdicts."""
     from app.engine.calibration.profile import Profile
 
     names = [p.name for p in image_files()]
-    images = [scorer.decode(p.read_bytes()) for p in image_files()]
-    stats = scorer.run_methods(images, METHODS)
-    profile = Profile.load(DEFAULT_PROFILE, scorer.info.model_id, scorer.options)
-    verdicts = profile.verdicts(stats[scorer.options.method])
+    images = [engine.decode(p.read_bytes()) for p in image_files()]
+    stats = engine.image_stats_by_method(images, METHODS)
+    profile = Profile.load(DEFAULT_PROFILE, engine.info.model_id, engine.options)
+    verdicts = profile.verdicts(stats[engine.options.method])
     return {
         "features": {m: {n: s.features for n, s in zip(names, stats[m], strict=True)} for m in METHODS},
         "default_profile": {
@@ -127,10 +127,10 @@ def runtime_section(scorer: Any) -> dict[str, Any]:
     }
 
 
-def variant_section(options: MethodOptions, scorer: Any) -> dict[str, Any]:
+def variant_section(options: MethodOptions, engine: Any) -> dict[str, Any]:
     names = [p.name for p in image_files()]
-    images = [scorer.decode(p.read_bytes()) for p in image_files()]
-    stats = scorer.run(images)
+    images = [engine.decode(p.read_bytes()) for p in image_files()]
+    stats = engine.image_stats(images)
     return {
         "options": options.feature_key(),
         "features": {n: s.features for n, s in zip(names, stats, strict=True)},
@@ -143,25 +143,25 @@ def variant_options(overrides: dict[str, Any]) -> MethodOptions:
 
 def engine_goldens() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    scorers = {runtime: load_scorer(runtime) for runtime in RUNTIMES}
-    first = scorers[RUNTIMES[0]]
+    engines = {runtime: load_engine(runtime) for runtime in RUNTIMES}
+    first = engines[RUNTIMES[0]]
     out["model_id"] = first.info.model_id
     out["options"] = first.options.feature_key()
     out["inputs"] = inputs_section(first)
     out["runtimes"] = {}
-    for runtime, scorer in scorers.items():
-        assert scorer.info.runtime == runtime, (scorer.info.runtime, runtime)
-        out["runtimes"][runtime] = runtime_section(scorer)
+    for runtime, engine in engines.items():
+        assert engine.info.runtime == runtime, (engine.info.runtime, runtime)
+        out["runtimes"][runtime] = runtime_section(engine)
     out["variants"] = {}
     for name, overrides in VARIANTS.items():
         options = variant_options(overrides)
-        out["variants"][name] = variant_section(options, with_options(scorers[VARIANT_RUNTIME], options))
+        out["variants"][name] = variant_section(options, with_options(engines[VARIANT_RUNTIME], options))
     return rounded(out)
 
 
-def with_options(scorer: Any, options: MethodOptions) -> Any:
-    """A second Scorer on the same loaded model with other method options (no second load or export)."""
-    other = copy.copy(scorer)
+def with_options(engine: Any, options: MethodOptions) -> Any:
+    """A second Engine on the same loaded model with other method options (no second load or export)."""
+    other = copy.copy(engine)
     other.options = options
     return other
 

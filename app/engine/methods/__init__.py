@@ -13,7 +13,7 @@ Adding a method = adding one file and registering it:
    power sums of any per-step quantity and the standard aggregations) or ``PassMethod`` (own passes:
    ``statistics(model, x0, options, digests)``). Set ``name`` and ``density`` (calibration/density.py);
    override ``default_covariance_reg`` if the mixture needs other shrinkage. End with ``METHOD = MyMethod()``.
-2. Add the module to ``BUILTIN`` below. Nothing else: settings, CLI, profiles and the scorer follow.
+2. Add the module to ``BUILTIN`` below. Nothing else: settings, CLI, profiles and the engine follow.
    Method-specific options go in ``MethodOptions`` (types.py; ``feature_key`` binds profiles to them).
 
 tests/test_methods_registry.py registers a toy method in one place and scores real images with it.

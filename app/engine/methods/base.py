@@ -12,7 +12,7 @@ Two kinds (see ``app.engine.methods`` for how to add one):
 - ``PassMethod``: runs its own passes through the model (``statistics``), e.g. reconstruction.
 
 What leaves the device is ``BatchStats`` (features, per-step sums, a per-pixel heat map); a new per-image
-array goes there, in ``ImageStats`` (types.py) and in the scorer's host copy (scorer.py ``_to_host``,
+array goes there, in ``ImageStats`` (types.py) and in the engine's host copy (engine.py ``_to_host``,
 ``_split``).
 """
 

@@ -1,7 +1,7 @@
 """Building blocks of the path methods: power sums of a per-step quantity and of its rate of change.
 
 Everything stays on the model's device and in the batch; sums are accumulated per step so memory does not
-grow with K, and the only device->host copy happens once per batch, after the walk (scorer.py).
+grow with K, and the only device->host copy happens once per batch, after the walk (engine.py).
 """
 
 from __future__ import annotations

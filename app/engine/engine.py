@@ -1,6 +1,6 @@
-"""The engine object the service and the CLI hold: ``load()`` -> ``ready`` -> ``run(batch)``.
+"""The engine object the service and the CLI hold: ``load()`` -> ``ready`` -> ``image_stats(batch)``.
 
-After ``load()``, ``run`` may be called from several threads at once (the batcher's model instances):
+After ``load()``, ``image_stats`` may be called from several threads at once (the batcher's model instances):
 the model is only read (weights, schedule; no scheduler object), each call builds its own tensors and noise
 generators, inference mode and autocast are thread-local, and the SSIM operators are cached read-only
 tensors (a racing first call only builds one twice). Torch releases the GIL inside operators, so concurrent
@@ -24,14 +24,14 @@ from PIL import Image
 from app.engine.model.loading import LoadedModel, load_model
 from app.engine.model.sidecar import InputTransform
 from app.engine.preprocessing import DecodeLimits, PreparedImage, decode_image, prepare
-from app.engine.statistics import BatchStats, batch_statistics
 from app.engine.types import ImageStats, MethodOptions, ModelInfo
+from app.engine.walk_driver import BatchStats, batch_statistics
 from app.errors import DeviceOutOfMemory, EngineFailure, ModelNotReady
 
 log = logging.getLogger(__name__)
 
 
-class Scorer:
+class Engine:
     def __init__(
         self,
         model_dir: str | Path,
@@ -72,7 +72,7 @@ class Scorer:
         if warmup_batch > 0:
             size = self._model.info.sample_size
             blank = torch.zeros(self._model.info.in_channels, size, size)
-            self.run([PreparedImage(blank, (size, size), b"warmup")] * warmup_batch)
+            self.image_stats([PreparedImage(blank, (size, size), b"warmup")] * warmup_batch)
         self._ready.set()
 
     @property
@@ -114,11 +114,11 @@ class Scorer:
         return {"max_rss": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}
 
     # --- the model threads -----------------------------------------------------------------------------
-    def run(self, batch: Sequence[PreparedImage]) -> list[ImageStats]:
+    def image_stats(self, batch: Sequence[PreparedImage]) -> list[ImageStats]:
         """Statistics for every image of the batch under the configured method, in order."""
-        return self.run_methods(batch, (self.options.method,))[self.options.method]
+        return self.image_stats_by_method(batch, (self.options.method,))[self.options.method]
 
-    def run_methods(
+    def image_stats_by_method(
         self, batch: Sequence[PreparedImage], methods: Sequence[str]
     ) -> dict[str, list[ImageStats]]:
         """Several methods' statistics from one pass where they share the trajectory (evaluation)."""
