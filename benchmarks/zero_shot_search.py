@@ -127,7 +127,7 @@ def run_search(args: argparse.Namespace) -> int:
 
     from app.engine.calibration.density import GaussianMixtureDensity
 
-    def engine(fit: np.ndarray):  # anomaly score function fitted on normal features
+    def detector(fit: np.ndarray):  # anomaly score function fitted on normal features
         if args.density == "gmm":
             gmm = GaussianMixtureDensity.fit(fit, reg_covar=0.1)
             return lambda x: -gmm.log_density(x)
@@ -144,7 +144,7 @@ def run_search(args: argparse.Namespace) -> int:
     for name in args.candidates:
         matrix = {}
         for normal in SETS:
-            score = engine(candidate_features(cached[normal, "fit"], name))
+            score = detector(candidate_features(cached[normal, "fit"], name))
             scores = {s: score(candidate_features(cached[s, "dev"], name)) for s in SETS}
             for other in SETS:
                 if other != normal:
