@@ -1,6 +1,6 @@
 """The benchmarks run end to end on a tiny random UNet: the engine benchmark (seconds, K=2, batches 1 and
-2) and the service load generator (live servers, two settings). No timings are asserted; benchmarks are
-not tests."""
+2) and the service load generator (live servers, two settings); the embedding search on synthetic caches.
+No timings are asserted; benchmarks are not tests."""
 
 from __future__ import annotations
 
@@ -67,3 +67,30 @@ def test_service_load_compares_settings_in_one_run(tmp_path: Path) -> None:
         assert [(r["threads"], r["instances"]) for r in engine["runs"]] == [(1, 1), (1, 2)]
     engines = {s["name"]: s["summary"]["engine_img_s"] for s in report["settings"]}
     assert engines == {"one": report["engines"]["auto"]["img_s"], "two": report["engines"]["torch"]["img_s"]}
+
+
+def test_embedding_search_scores_every_pair_with_the_shipped_experts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On synthetic caches where ImageNet's embedding is shifted, every pair involving ImageNet separates
+    (AUROC 1) while identical sets do not; the generalisation gap is reported per set."""
+    search = _load("embedding_search")
+    rng = np.random.default_rng(0)
+    (tmp_path / "K10").mkdir()
+    (tmp_path / "blocks").mkdir()
+    for s in search.SETS:
+        for part, n in (("fit", 40), ("held", 20)):
+            amp = rng.normal(size=(n, 10, 3, 32, 32)).astype(np.float16)
+            np.savez(tmp_path / "K10" / f"{s}_{part}.npz", amp=amp, eps=amp, x0=amp[:, 0])
+            pool = rng.normal(size=(n, 5, 8, 4, 4)) + (4.0 if s == "imagenet" else 0.0)
+            std = np.abs(rng.normal(size=(n, 5, 8)))
+            np.savez(tmp_path / "blocks" / f"{s}_{part}.npz", u0_pool=pool.astype(np.float16), u0_std=std)
+    args = ["search", "--cache", str(tmp_path), "--split", "held", "u0/2,4/mean:lw", "--gaps"]
+    assert search.main(args) == 0
+    line, gaps = capsys.readouterr().out.splitlines()
+    pairs = dict(
+        zip(line.split("|")[1].split()[::2], map(float, line.split("|")[1].split()[1::2]), strict=True)
+    )
+    assert pairs["cel>ima"] == pairs["ima>dtd"] == 1.0
+    assert pairs["cel>cif"] < 0.8 and pairs["dtd>cif"] < 0.8
+    assert gaps.startswith("  gaps: celeba ") and len(gaps.split()) == 11
