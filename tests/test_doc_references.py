@@ -18,7 +18,7 @@ DOC_NAMES = {p.name for p in (ROOT / "docs").glob("*.md")} | {"README.md"}
 # "issue 19", "issues #8", "Issue 15:" — a tracker's numbering means nothing to a reader of the repository
 TRACKER = re.compile(r"\bissues? ?#?\d+\b", re.IGNORECASE)
 # a machine's folders or the spec documents that live beside the checkout, not in it
-OUTSIDE = re.compile(r"shared/docs|/work/|/Users/")
+OUTSIDE = re.compile(r"shared/docs|/(?:work|Users)/")
 # METHOD.md step 4, METHOD.md steps 2-4
 METHOD_STEP = re.compile(r"METHOD\.md,? steps? (\d)(?:[-–](\d))?")
 # docs/ACCURACY.md, "Any normal domain" or METHOD.md "Features"
