@@ -57,11 +57,19 @@ class Settings(BaseSettings):
         "diffpath-v2", description="scoring method: a registered one (app/engine/methods; see METHOD.md)"
     )
     steps: int = Field(10, ge=2, le=1000, description="trajectory steps K (UNet evaluations per image)")
-    aggregation: Literal["auto", "sum", "per-step", "per-step-centre", "per-step-centre+embedding"] = Field(
+    aggregation: Literal[
+        "auto",
+        "sum",
+        "per-step",
+        "per-step-centre",
+        "per-step-centre+embedding",
+        "per-step-centre+embedding+spread",
+    ] = Field(
         "auto",
         description="the features of new calibration profiles: auto = chosen from the profile's own normal "
         "images (docs/METHOD.md, Choosing features); per-step-centre = per-step log energies of the image's "
-        "centre and border; per-step-centre+embedding = those and the UNet's embedding as two experts; "
+        "centre and border; per-step-centre+embedding = those and the UNet's embedding (channel means) as "
+        "two experts; per-step-centre+embedding+spread = the same with the channels' spreads too; "
         "per-step = whole-image energies; sum = METHOD.md's six sums. Each profile keeps its own",
     )
     trajectory: Literal["ddim", "forward", "diffpath"] = Field(

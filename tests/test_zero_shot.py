@@ -62,16 +62,23 @@ def test_the_embedding_comes_from_the_same_pass_on_both_runtimes(
 ) -> None:
     torch_e = np.stack([s.embeddings for s in golden_stats["torch"]])
     onnx_e = np.stack([s.embeddings for s in golden_stats["onnxruntime"]])
-    assert torch_e.shape == (len(GOLDEN_IMAGES), 10, 128)
+    assert torch_e.shape == (len(GOLDEN_IMAGES), 10, 2 * 128)  # channel means, then channel spreads
     np.testing.assert_allclose(onnx_e, torch_e, rtol=1e-3, atol=1e-4)
     # images differ in it: it describes the image, not a constant of the network
     assert np.abs(torch_e[0] - torch_e[3]).max() > 1e-2
     features = features_under(MethodOptions(aggregation="per-step-centre+embedding"), golden_stats["torch"])
     assert features.shape == (len(GOLDEN_IMAGES), 38 + 2 * 128)
-    np.testing.assert_allclose(features[:, 38:166], torch_e[:, 2], rtol=1e-6)  # step 0.2 K = 2
+    np.testing.assert_allclose(features[:, 38:166], torch_e[:, 2, :128], rtol=1e-6)  # step 0.2 K = 2
+    np.testing.assert_allclose(features[:, 166:], torch_e[:, 4, :128], rtol=1e-6)  # 0.4 K = 4, means only
+    options = MethodOptions(aggregation="per-step-centre+embedding+spread")
+    spread = features_under(options, golden_stats["torch"])
+    assert spread.shape == (len(GOLDEN_IMAGES), 38 + 2 * 256)
+    np.testing.assert_allclose(spread[:, 38:294], torch_e[:, 2], rtol=1e-6)
+    assert (spread[:, 38 + 128 : 294] > 0).all()  # spreads of a real image's activations
+    assert aggregations.expert_blocks(options.aggregation, 10, spread.shape[1]) == [(0, 38), (38, 550)]
 
 
-def test_the_embedding_is_the_spatial_mean_of_the_first_up_blocks_output(
+def test_the_embedding_is_the_spatial_mean_and_spread_of_the_first_up_blocks_output(
     engines: dict[str, Engine], golden_stats: dict[str, list[ImageStats]]
 ) -> None:
     """docs/METHOD.md, "Embedding expert": read by hand from the block's output at the walk's first step."""
@@ -89,10 +96,12 @@ def test_the_embedding_is_the_spatial_mean_of_the_first_up_blocks_output(
         hook.remove()
     (out,) = seen
     assert out.shape[1:] == (128, 8, 8)
-    # the runtime's own hook gives each channel's mean over the image
+    # the runtime's own hook gives each channel's mean over the image, then its standard deviation
     _, embedding = model.runtime.predict(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t)
     assert embedding is not None
-    np.testing.assert_allclose(embedding, out.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(embedding[:, :128], out.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+    by_hand = (out - out.mean(dim=(2, 3), keepdim=True)).pow(2).mean(dim=(2, 3)).sqrt()
+    np.testing.assert_allclose(embedding[:, 128:], by_hand, rtol=1e-4, atol=1e-6)
 
 
 def test_a_profile_of_the_earlier_embedding_is_refused_and_others_still_load() -> None:
@@ -112,14 +121,24 @@ def test_a_profile_of_the_earlier_embedding_is_refused_and_others_still_load() -
 
 
 def test_choice_on_few_textures_keeps_the_energies_and_records_why(engines: dict[str, Engine]) -> None:
-    """30 textures do not support a density over 256 embedding values (its gap is over the limit): the
-    energies are taken. (200 textures take the embedding expert: tests/test_zero_shot_live.py.)"""
+    """30 textures do not support a density over 256 or 512 embedding values (their gaps are over the
+    limit): the energies are taken. (200 textures take the embedding expert: tests/test_zero_shot_live.py.)"""
     engine = engines["onnxruntime"]
     stats = engine.image_stats([engine.decode(p.read_bytes()) for p in require_data("dtd", 30)])
     choice = choose_options(MethodOptions(), stats)
     assert choice.options.aggregation == "per-step-centre"
     assert choice.options.walk_key() == MethodOptions().walk_key()
-    richer, taken = choice.gaps["per-step-centre+embedding"], choice.gaps["per-step-centre"]
+    assert list(choice.gaps) == [
+        "per-step-centre+embedding+spread",
+        "per-step-centre+embedding",
+        "per-step-centre",
+    ]
+    richest, richer = (
+        choice.gaps["per-step-centre+embedding+spread"],
+        choice.gaps["per-step-centre+embedding"],
+    )
+    taken = choice.gaps["per-step-centre"]
+    assert richest is not None and richest > MAX_GAP
     assert richer is not None and richer > MAX_GAP
     assert taken is not None and taken <= MAX_GAP
 

@@ -190,6 +190,7 @@ def plot_matrix(rows: dict[str, dict], path: Path) -> Path:
     ax.set(xlabel="scored as anomalies", ylabel="normal domain (profile features)", title="AUROC")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # the row labels name each profile's features and can be wider than tight_layout leaves room for
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

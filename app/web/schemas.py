@@ -68,8 +68,22 @@ class ScoreRequest(BaseModel):
     features: bool | None = Field(None, description="add the feature vector and per-timestep statistics")
 
 
-PROFILE_AGGREGATIONS = ("auto", "sum", "per-step", "per-step-centre", "per-step-centre+embedding")
-ProfileAggregation = Literal["auto", "sum", "per-step", "per-step-centre", "per-step-centre+embedding"]
+PROFILE_AGGREGATIONS = (
+    "auto",
+    "sum",
+    "per-step",
+    "per-step-centre",
+    "per-step-centre+embedding",
+    "per-step-centre+embedding+spread",
+)
+ProfileAggregation = Literal[
+    "auto",
+    "sum",
+    "per-step",
+    "per-step-centre",
+    "per-step-centre+embedding",
+    "per-step-centre+embedding+spread",
+]
 
 
 class ProfileRequest(BaseModel):

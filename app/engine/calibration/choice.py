@@ -26,7 +26,11 @@ from app.engine.types import ImageStats, MethodOptions
 from app.errors import InvalidInput
 
 # Richest first; the last is taken when none before it passes.
-CANDIDATES: tuple[str, ...] = ("per-step-centre+embedding", "per-step-centre")
+CANDIDATES: tuple[str, ...] = (
+    "per-step-centre+embedding+spread",
+    "per-step-centre+embedding",
+    "per-step-centre",
+)
 MAX_GAP = 1.0  # in interquartile ranges of the cross-fitted scores
 AUTO = "auto"
 

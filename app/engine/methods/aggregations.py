@@ -28,7 +28,8 @@ class PathBank:
     delta_sums: torch.Tensor  # (B, K-1, 3): the same of the rate of change
     step_grid: torch.Tensor  # (B, K, C, G, G): q^2 summed over each grid cell
     delta_grid: torch.Tensor  # (B, K-1, C, G, G)
-    # (B, K, E): the UNet's image embedding at each step (runtimes.py); None when the network has none
+    # (B, K, 2 C): the UNet's image embedding at each step, its C channel means then their C spreads over
+    # the image (runtimes.py); None when the network has none
     embeddings: torch.Tensor | None = None
 
 
@@ -66,17 +67,30 @@ def embedding_steps(steps: int) -> list[int]:
     return sorted({min(steps - 1, round(f * steps)) for f in EMBEDDING_STEPS})
 
 
-def _with_embedding(bank: PathBank) -> torch.Tensor:
+def _embedding_at_steps(bank: PathBank, aggregation: str, spread: bool) -> torch.Tensor:
     if bank.embeddings is None:
-        raise ValueError("per-step-centre+embedding needs a network with an embedding block (runtimes.py)")
+        raise ValueError(f"{aggregation} needs a network with an embedding block (runtimes.py)")
     chosen = bank.embeddings[:, embedding_steps(bank.embeddings.shape[1])]
+    if not spread:  # the channel means: the first half
+        chosen = chosen[..., : chosen.shape[-1] // 2]
     return torch.cat([_per_step_centre(bank), chosen.flatten(1).to(bank.step_grid.dtype)], dim=1)
+
+
+def _with_embedding(bank: PathBank) -> torch.Tensor:
+    return _embedding_at_steps(bank, "per-step-centre+embedding", spread=False)
+
+
+def _with_embedding_spread(bank: PathBank) -> torch.Tensor:
+    return _embedding_at_steps(bank, "per-step-centre+embedding+spread", spread=True)
+
+
+EMBEDDING_AGGREGATIONS = ("per-step-centre+embedding+spread", "per-step-centre+embedding")
 
 
 def expert_blocks(aggregation: str, steps: int, n_features: int) -> list[tuple[int, int]] | None:
     """Column ranges scored by separate experts (calibration/density.py ``ExpertsDensity``), or None for
     one density over all features: the energies (2 (2K - 1)) and the embeddings."""
-    if aggregation != "per-step-centre+embedding":
+    if aggregation not in EMBEDDING_AGGREGATIONS:
         return None
     energies = 2 * (2 * steps - 1)
     return [(0, energies), (energies, n_features)]
@@ -85,12 +99,15 @@ def expert_blocks(aggregation: str, steps: int, n_features: int) -> list[tuple[i
 # name -> features (B, D) of a bank. "sum": METHOD.md step 4's six sums over all steps; "per-step": the log
 # energy of every step and of every rate of change, 2K - 1 values; "per-step-centre": the same energies of
 # the image's centre and of its border, 2 (2K - 1) values; "per-step-centre+embedding": those energies and
-# the UNet's embedding at the EMBEDDING_STEPS, scored by two experts (``expert_blocks``).
+# the UNet's embedding (its channel means) at the EMBEDDING_STEPS, scored by two experts
+# (``expert_blocks``); "per-step-centre+embedding+spread": the same with the channels' spreads beside their
+# means.
 AGGREGATIONS: dict[str, Callable[[PathBank], torch.Tensor]] = {
     "sum": _six_sums,
     "per-step": _per_step,
     "per-step-centre": _per_step_centre,
     "per-step-centre+embedding": _with_embedding,
+    "per-step-centre+embedding+spread": _with_embedding_spread,
 }
 
 

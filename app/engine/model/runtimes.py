@@ -32,12 +32,13 @@ class RuntimeUnavailable(RuntimeError):
     """The runtime cannot run this model here (not installed, wrong device or dtype, export failed)."""
 
 
-# The UNet's image embedding: the spatial mean of this up block's output (in the shipped 32 px model its
-# 128 channels at 8 x 8). The walk reads it beside eps at no extra cost; what it is for and why this block:
+# The UNet's image embedding: each channel's mean over the image of this up block's output, then each
+# channel's spread (standard deviation) over the image (in the shipped 32 px model 128 channels at 8 x 8, so
+# 256 values). The walk reads it beside eps at no extra cost; what it is for and why this block:
 # docs/METHOD.md, "Embedding expert". EMBEDDING names it wherever cached walks or profiles must not mix
 # embeddings of another definition.
 EMBEDDING_UP_BLOCK = 0
-EMBEDDING = f"up_blocks.{EMBEDDING_UP_BLOCK}/spatial-mean"
+EMBEDDING = f"up_blocks.{EMBEDDING_UP_BLOCK}/spatial-mean+spread"
 
 
 class NoiseRuntime(Protocol):
@@ -48,8 +49,8 @@ class NoiseRuntime(Protocol):
         ...
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """eps_theta and the UNet's image embedding (B, C) float32 from the same forward pass; None when
-        the network has no such block."""
+        """eps_theta and the UNet's image embedding (B, 2 C) float32 from the same forward pass (channel
+        means, then channel spreads); None when the network has no such block."""
         ...
 
 
@@ -58,9 +59,11 @@ def embedding_block(unet: torch.nn.Module) -> torch.nn.Module | None:
     return blocks[EMBEDDING_UP_BLOCK] if blocks is not None and len(blocks) > EMBEDDING_UP_BLOCK else None
 
 
-def _spatial_mean(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    hidden = output[0] if isinstance(output, tuple) else output
-    return hidden.float().mean(dim=(2, 3))
+def _spatial_stats(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 2 C): each channel's mean over the image, then its spread (population standard
+    deviation, so a 1 x 1 map gives 0, not NaN)."""
+    hidden = (output[0] if isinstance(output, tuple) else output).float()
+    return torch.cat([hidden.mean(dim=(2, 3)), hidden.std(dim=(2, 3), correction=0)], dim=1)
 
 
 def model_timesteps(timesteps: torch.Tensor, timestep_scale: float) -> torch.Tensor:
@@ -98,7 +101,7 @@ class TorchRuntime:
 
     def _capture(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         if getattr(self._tap, "wanted", False):
-            self._tap.value = _spatial_mean(output)
+            self._tap.value = _spatial_stats(output)
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._tap.wanted, self._tap.value = True, None
@@ -145,7 +148,7 @@ class _EpsOnly(torch.nn.Module):
         self.hook = None if block is None else block.register_forward_hook(self._capture)
 
     def _capture(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
-        self._embedding = _spatial_mean(output)
+        self._embedding = _spatial_stats(output)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> Any:
         if self.timestep_scale == 1.0 and self.epsilon_channels is None:
