@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.engine.calibration.limits import ProfileAggregation
+
 DEFAULT_MODEL_DIR = Path("model_store/celeba32-ref")
 
 
@@ -57,14 +59,7 @@ class Settings(BaseSettings):
         "diffpath-v2", description="scoring method: a registered one (app/engine/methods; see METHOD.md)"
     )
     steps: int = Field(10, ge=2, le=1000, description="trajectory steps K (UNet evaluations per image)")
-    aggregation: Literal[
-        "auto",
-        "sum",
-        "per-step",
-        "per-step-centre",
-        "per-step-centre+embedding",
-        "per-step-centre+embedding+spread",
-    ] = Field(
+    aggregation: ProfileAggregation = Field(
         "auto",
         description="the features of new calibration profiles: auto = chosen from the profile's own normal "
         "images (docs/METHOD.md, Choosing features); per-step-centre = per-step log energies of the image's "

@@ -186,3 +186,13 @@ def test_the_matrix_command_fits_every_set_as_normal_and_scores_the_others(tmp_p
     assert celeba["scored"]["mnist"]["auroc"] > 0.9  # digits are nothing like faces
     assert report["summary"]["pairs"] == 6 and report["summary"]["pairs_without"] == 2
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_every_aggregation_a_profile_may_name_is_computed_and_no_other() -> None:
+    """The wire schemas and settings accept the names in calibration/limits.py; each must be computable."""
+    from typing import get_args
+
+    from app.engine.calibration.limits import PROFILE_AGGREGATIONS, Aggregation
+
+    assert set(get_args(Aggregation)) == set(aggregations.AGGREGATIONS)
+    assert ("auto", *get_args(Aggregation)) == PROFILE_AGGREGATIONS

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from app.engine.calibration.limits import Aggregation
+
 # Options a profile chooses for itself (with ``aggregation``), whatever the service's walk.
 PROFILE_OWN_DENSITY = ("mixture_max_components", "covariance_type", "covariance_reg")
 
@@ -35,9 +37,7 @@ class MethodOptions:
     # of change, 2K - 1 values (ACCURACY.md: where along the path the error sits is what separates);
     # "per-step-centre" = the same energies of the image's centre and of its border, 2 (2K - 1) values:
     # where in an aligned face the error sits too (the default; ACCURACY.md "Where the error sits").
-    aggregation: Literal[
-        "sum", "per-step", "per-step-centre", "per-step-centre+embedding", "per-step-centre+embedding+spread"
-    ] = "per-step-centre"
+    aggregation: Aggregation = "per-step-centre"
     recon_levels: tuple[float, ...] = (0.1, 0.25, 0.4)  # reconstruction: noise levels as fractions of T
     mixture_max_components: int = 8
     covariance_type: Literal["full", "diag", "tied", "spherical", "auto"] = "full"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.engine.calibration.limits import MAX_FPRS, PROFILE_NAME
+from app.engine.calibration.limits import MAX_FPRS, PROFILE_NAME, ProfileAggregation
 
 # The exact rules the handlers apply, published so generated clients can check before sending
 # (docs/API.md, "Limits"). Image-count caps depend on settings and are filled in by ``app.web.openapi``.
@@ -66,24 +66,6 @@ class ScoreRequest(BaseModel):
     profile: ProfileName | None = Field(None, description="calibration profile; default: the service default")
     explain: bool | None = Field(None, description="add a heat-map PNG per image")
     features: bool | None = Field(None, description="add the feature vector and per-timestep statistics")
-
-
-PROFILE_AGGREGATIONS = (
-    "auto",
-    "sum",
-    "per-step",
-    "per-step-centre",
-    "per-step-centre+embedding",
-    "per-step-centre+embedding+spread",
-)
-ProfileAggregation = Literal[
-    "auto",
-    "sum",
-    "per-step",
-    "per-step-centre",
-    "per-step-centre+embedding",
-    "per-step-centre+embedding+spread",
-]
 
 
 class ProfileRequest(BaseModel):

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
 
-from app.engine.calibration.limits import DEFAULT_FPRS, MAX_FPRS
+from app.engine.calibration.limits import DEFAULT_FPRS, MAX_FPRS, PROFILE_AGGREGATIONS
 from app.errors import InvalidInput, Overloaded, Unauthorized
 from app.service.results import ModelDescription
 from app.service.scoring import ScoringService
@@ -27,7 +27,6 @@ from app.web.deps import (
 from app.web.errors import error_responses
 from app.web.openapi import request_body
 from app.web.schemas import (
-    PROFILE_AGGREGATIONS,
     PROFILE_NAME_MAX,
     PROFILE_NAME_PATTERN,
     ModelCard,
